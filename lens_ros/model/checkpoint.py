@@ -1,0 +1,306 @@
+"""Reading and writing LENS checkpoints, and finding them.
+
+One loader for every source: a Hugging Face id (``OuyBin/LENS`` and the other released ids),
+a local ``save_pretrained`` directory, our own saved checkpoints and tiny ones.
+
+The layout on disk is LENS's (LENS_REFERENCE.md §1): one state dict with the Qwen weights
+under transformers 4.51 names (``model.layers.*``, ``model.embed_tokens``, ``model.norm``,
+``visual.*``, ``lm_head``) next to ``learnable_query``, ``connector.*``, ``conv_1d.*``,
+``proj_to_sam.*`` and ``sam.*``; a config.json in the 4.51 Qwen2-VL style with
+``num_of_query`` and ``if_use_qwen_connector``. Transformers 5.x names (``model.language_model.*``,
+``model.visual.*``) are accepted too. Loading is strict: any missing or unexpected key is an
+error that names it. Only safetensors are read; no remote code runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from lens_ros.model.lens import LensModel
+from lens_ros.model.sam import Sam2Spec, build_sam2_for_lens
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "OuyBin/LENS"
+RELEASED_MODELS = ("OuyBin/LENS", "OuyBin/LENS_ReasonSeg", "OuyBin/LENS_ReasonSeg_FT", "OuyBin/LENS_ReasonSeg_CoT")
+TINY_MODEL = "tiny"
+LENS_ARCHITECTURE = "SAMR1ForConditionalGeneration_qwen2p5"
+# Our own addition to config.json: the SAM2 build, stored only when it is not LENS's Hiera-L.
+SAM2_SPEC_KEY = "lens_ros_sam2"
+
+HEAD_PREFIXES = ("learnable_query", "connector.", "conv_1d.", "proj_to_sam.")
+SAM_PREFIX = "sam."
+# Files a checkpoint needs; weights in pickle formats are never fetched nor read.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+_NON_QWEN_CONFIG_KEYS = {"model_type", "architectures", "num_of_query", "if_use_qwen_connector",
+                         "if_include_sam", "auto_map", "transformers_version", SAM2_SPEC_KEY}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is malformed: wrong layout, missing or unexpected weights."""
+
+
+class ModelUnavailableError(RuntimeError):
+    """A model source cannot be found here (and may not be downloaded)."""
+
+
+# -- key layouts ------------------------------------------------------------------------------
+def to_checkpoint_key(key: str) -> str:
+    """transformers 5.x Qwen2.5-VL name -> the 4.51 name LENS checkpoints use."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def from_checkpoint_key(key: str) -> str:
+    """A Qwen2.5-VL name in either layout (4.51 or 5.x) -> the transformers 5.x name."""
+    if key.startswith(("model.language_model.", "model.visual.", "lm_head.")):
+        return key
+    if key.startswith("visual."):
+        return "model." + key
+    if key.startswith("model."):
+        return "model.language_model." + key[len("model."):]
+    return key
+
+
+def split_state_dict(state: dict[str, torch.Tensor]):
+    """Checkpoint state dict -> (Qwen part in 5.x names, context head part, SAM2 part)."""
+    qwen, head, sam = {}, {}, {}
+    for key, value in state.items():
+        if key.startswith(HEAD_PREFIXES):
+            head[key] = value
+        elif key.startswith(SAM_PREFIX):
+            sam[key[len(SAM_PREFIX):]] = value
+        else:
+            qwen[from_checkpoint_key(key)] = value
+    return qwen, head, sam
+
+
+# -- config -----------------------------------------------------------------------------------
+def is_lens_config(data: dict) -> bool:
+    return "num_of_query" in data or LENS_ARCHITECTURE in (data.get("architectures") or [])
+
+
+def qwen_config_from_lens(data: dict):
+    """Build the Qwen2.5-VL configuration from a LENS config.json.
+
+    LENS checkpoints say ``"model_type": "qwen2_vl"`` although the model is Qwen2.5-VL, so
+    AutoConfig would build the wrong class; the fields themselves (4.51 style, text fields at
+    the top level, ``rope_scaling`` of type mrope) are Qwen2.5-VL's and transformers converts them.
+    """
+    from transformers import Qwen2_5_VLConfig
+
+    fields = {k: v for k, v in data.items() if k not in _NON_QWEN_CONFIG_KEYS}
+    return Qwen2_5_VLConfig(**fields)
+
+
+def lens_config_dict(qwen_config, num_queries: int, use_connector: bool, sam_spec: Sam2Spec) -> dict:
+    """The config.json LENS writes: 4.51 Qwen2-VL style, text fields at the top level."""
+    text = qwen_config.text_config.to_dict()
+    rope = dict(text.pop("rope_parameters", None) or {})
+    for key in ("model_type", "dtype", "torch_dtype", "transformers_version", "architectures", "output_hidden_states",
+                "return_dict", "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type"):
+        text.pop(key, None)
+    vision = qwen_config.vision_config.to_dict()
+    for key in ("dtype", "torch_dtype", "transformers_version"):
+        vision.pop(key, None)
+    data = dict(text)
+    data["rope_theta"] = rope.pop("rope_theta", 1000000.0)
+    rope.pop("rope_type", None)
+    data["rope_scaling"] = {"type": "mrope", **rope}
+    data["vision_config"] = vision
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                "tie_word_embeddings"):
+        data[key] = getattr(qwen_config, key)
+    dtype = qwen_config.text_config.dtype or torch.float32
+    data["torch_dtype"] = str(dtype).replace("torch.", "")
+    data.update({"model_type": "qwen2_vl", "architectures": [LENS_ARCHITECTURE],
+                 "num_of_query": num_queries, "if_use_qwen_connector": use_connector})
+    if sam_spec != Sam2Spec():
+        data[SAM2_SPEC_KEY] = sam_spec.to_dict()
+    return data
+
+
+# -- finding a checkpoint -----------------------------------------------------------------------
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def resolve_model_source(source: str, allow_download: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Turn a model source into a local checkpoint directory.
+
+    ``tiny`` builds (or reuses) the cached tiny checkpoint; an existing directory is used as
+    it is; ``owner/name`` is looked up in the Hugging Face cache and fetched only when
+    ``allow_download`` is true. Raises ``ModelUnavailableError`` with a message a user can act on.
+    """
+    if source == TINY_MODEL:
+        from lens_ros.model.tiny import ensure_tiny_checkpoint
+
+        return ensure_tiny_checkpoint(cache_dir=cache_dir)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or not _HF_ID.match(source):
+        raise ModelUnavailableError(
+            f"model {source!r}: not a checkpoint directory and not a Hugging Face id (owner/name); "
+            f"use --model tiny for the built-in tiny model")
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(repo_id=source, allow_patterns=_CHECKPOINT_FILES,
+                                  local_files_only=not allow_download)
+    except Exception as exc:  # hub errors have many types; all mean "not available here"
+        how = ("downloads are disabled (allow downloads to fetch it)" if not allow_download
+               else f"the download failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        raise ModelUnavailableError(
+            f"model {source!r} is not in the local Hugging Face cache and {how}; "
+            f"use --model tiny to run the built-in tiny model (its masks are meaningless)") from exc
+    return Path(local)
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+    if pickles:
+        raise CheckpointError(f"{directory}: only pickle weights ({', '.join(pickles)}); "
+                              f"this loader reads safetensors only (pickles can run code)")
+    raise CheckpointError(f"{directory}: no *.safetensors weights found")
+
+
+def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for file in _safetensors_files(directory):
+        if not file.is_file():
+            raise CheckpointError(f"{directory}: weight file {file.name} listed in the index is missing")
+        try:
+            state.update(load_file(str(file), device="cpu"))
+        except Exception as exc:
+            raise CheckpointError(f"{file}: cannot read safetensors ({exc})") from exc
+    return state
+
+
+def _names(keys, limit: int = 8) -> str:
+    keys = sorted(keys)
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def _check_keys(part: str, expected: set[str], found: set[str], allowed_missing: set[str] = frozenset()) -> None:
+    missing = expected - found - allowed_missing
+    unexpected = found - expected
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} key(s): {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
+    if problems:
+        raise CheckpointError(f"{part}: " + "; ".join(problems))
+
+
+# -- loading -------------------------------------------------------------------------------------
+def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
+                    allow_download: bool = False, cache_dir=None):
+    """Load a LENS checkpoint from any source. Returns ``(model, processor)`` in eval mode."""
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    directory = resolve_model_source(source, allow_download=allow_download, cache_dir=cache_dir)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        data = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: unreadable ({exc})") from exc
+    if not is_lens_config(data):
+        raise CheckpointError(f"{directory}: not a LENS checkpoint (config.json has no num_of_query and "
+                              f"architectures is {data.get('architectures')})")
+    qwen_config = qwen_config_from_lens(data)
+    num_queries = int(data.get("num_of_query") or 64)
+    use_connector = bool(data.get("if_use_qwen_connector", True))
+    sam_spec = Sam2Spec.from_dict(data.get(SAM2_SPEC_KEY))
+
+    qwen_state, head_state, sam_state = split_state_dict(read_state_dict(directory))
+
+    vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        None, config=qwen_config, state_dict=qwen_state, dtype=torch_dtype, output_loading_info=True)
+    del qwen_state
+    tied = {"lm_head.weight"} if qwen_config.tie_word_embeddings else set()
+    missing = set(info.get("missing_keys", ())) - tied
+    unexpected = set(info.get("unexpected_keys", ()))
+    mismatched = [str(m) for m in info.get("mismatched_keys", ())]
+    if missing or unexpected or mismatched:
+        parts = [f"missing {len(missing)} key(s): {_names(to_checkpoint_key(k) for k in missing)}" if missing else "",
+                 f"unexpected {len(unexpected)} key(s): {_names(unexpected)}" if unexpected else "",
+                 f"shape mismatch: {_names(mismatched)}" if mismatched else ""]
+        raise CheckpointError(f"{directory}: Qwen2.5-VL weights: " + "; ".join(p for p in parts if p))
+    if (directory / "generation_config.json").is_file():
+        # LENS's demo generates with the checkpoint's generation config (do_sample overridden).
+        vlm.generation_config = GenerationConfig.from_pretrained(directory)
+
+    sam = build_sam2_for_lens(sam_spec, device="cpu")
+    _check_keys(f"{directory}: SAM2 weights (sam.*)", set(sam.state_dict()), set(sam_state))
+    try:
+        sam.load_state_dict(sam_state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{directory}: SAM2 weights: {exc}") from exc
+
+    with torch.device("meta"):
+        model = LensModel(vlm, sam, num_queries=num_queries, use_connector=use_connector, sam_spec=sam_spec)
+    expected_head = {k for k in model.state_dict() if k.startswith(HEAD_PREFIXES)}
+    _check_keys(f"{directory}: context head", expected_head, set(head_state))
+    try:
+        model.load_state_dict(head_state, strict=False, assign=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{directory}: context head: {exc}") from exc
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    model.source = source
+    processor = Qwen2_5_VLProcessor.from_pretrained(str(directory))
+    return model, processor
+
+
+# -- saving ----------------------------------------------------------------------------------------
+def lens_state_dict(model: LensModel) -> dict[str, torch.Tensor]:
+    """The model's weights under LENS's checkpoint names (tied ``lm_head`` left out, as
+    ``save_pretrained`` does)."""
+    tied = bool(model.vlm.config.tie_word_embeddings)
+    state = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vlm."):
+            key = to_checkpoint_key(key[len("vlm."):])
+            if tied and key == "lm_head.weight":
+                continue
+        state[key] = value.detach().contiguous()
+    return state
+
+
+def save_lens_checkpoint(model: LensModel, processor, directory: str | os.PathLike, max_shard_size: str = "5GB") -> Path:
+    """Write ``model`` in the released LENS layout (loadable by ``load_lens_model``)."""
+    from huggingface_hub import save_torch_state_dict
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(lens_state_dict(model), directory, max_shard_size=max_shard_size)
+    config = lens_config_dict(model.vlm.config, model.num_queries, model.use_connector, model.sam_spec)
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.vlm.generation_config.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(str(directory))
+    return directory

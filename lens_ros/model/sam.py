@@ -1,0 +1,111 @@
+"""SAM2 as LENS uses it: the stock ``sam2`` package, prompted by one context token.
+
+LENS builds SAM2 Hiera-L with ``build_sam2`` (default post-processing), deletes the video
+memory modules and calls the mask decoder directly with a single sparse prompt token. Nothing
+here patches sam2: the token simply is the whole sparse prompt embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+# SAM2 2.0 Hiera-L, as LENS builds it. Released LENS checkpoints do not store the SAM2
+# configuration; our own checkpoints store a spec only when it differs (tiny models).
+SAM2_CONFIG = "configs/sam2/sam2_hiera_l.yaml"
+
+# Modules SAM2 needs for video only; LENS deletes them, so checkpoints do not contain them.
+_VIDEO_ONLY_MODULES = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
+
+# SAM2's input normalisation on the 0-255 scale.
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Sam2Spec:
+    """Which SAM2 to build: a stock sam2 Hydra config plus Hydra overrides."""
+
+    config: str = SAM2_CONFIG
+    overrides: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"config": self.config, "overrides": list(self.overrides)}
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "Sam2Spec":
+        if not data:
+            return cls()
+        return cls(config=str(data.get("config", SAM2_CONFIG)), overrides=tuple(data.get("overrides", ())))
+
+
+def build_sam2_for_lens(spec: Sam2Spec = Sam2Spec(), device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Build SAM2 exactly as LENS does: ``build_sam2`` with its default post-processing
+    (dynamic multimask via stability in eval mode), random weights, video modules removed."""
+    from sam2.build_sam import build_sam2  # heavy import (hydra): only when a model is built
+
+    sam = build_sam2(spec.config, ckpt_path=None, device=str(device), mode="eval",
+                     hydra_overrides_extra=list(spec.overrides), apply_postprocessing=True)
+    for name in _VIDEO_ONLY_MODULES:
+        delattr(sam, name)
+    return sam
+
+
+@dataclass
+class SamImageEmbedding:
+    """SAM2's embedding of one image, ready for any number of prompts.
+
+    ``image_embed`` is the lowest-resolution level with ``no_mem_embed`` already added (as in
+    SAM2's image predictor); ``high_res_feats`` are the two higher levels, already projected
+    by the mask decoder's ``conv_s0``/``conv_s1``.
+    """
+
+    image_embed: torch.Tensor
+    high_res_feats: list[torch.Tensor] = field(default_factory=list)
+
+
+def sam_input_size(sam: torch.nn.Module) -> int:
+    """Side of the square image SAM2 takes (1024 for the released models)."""
+    return int(sam.image_size)
+
+
+def encode_image(sam: torch.nn.Module, pixels: torch.Tensor) -> SamImageEmbedding:
+    """Run SAM2's image encoder on normalised pixels of shape (1, 3, S, S)."""
+    backbone_out = sam.forward_image(pixels)
+    _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+    if sam.directly_add_no_mem_embed:
+        vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
+    batch = pixels.shape[0]
+    # (HW, B, C) -> (B, C, H, W), as SAM2ImagePredictor does, with sizes read from the model
+    # rather than hard-coded for 1024 px so that reduced test models work too.
+    feats = [feat.permute(1, 2, 0).reshape(batch, -1, *size) for feat, size in zip(vision_feats, feat_sizes)]
+    return SamImageEmbedding(image_embed=feats[-1], high_res_feats=feats[:-1])
+
+
+def decode_mask(sam: torch.nn.Module, embedding: SamImageEmbedding, token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode one mask from one prompt token.
+
+    ``token`` has shape (1, 1, C): it is the whole sparse prompt embedding (no point, no box);
+    the dense prompt is SAM's ``no_mask_embed``. Returns the low-resolution logits (1, 1, h, w)
+    and SAM2's predicted IoU of that mask (1, 1). In eval mode the decoder may substitute its
+    best multi-mask output when the single mask is unstable, exactly as in LENS.
+    """
+    _, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+    sparse = token.to(embedding.image_embed.dtype)
+    low_res, iou, _, _ = sam.sam_mask_decoder(
+        image_embeddings=embedding.image_embed,
+        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+        sparse_prompt_embeddings=sparse,
+        dense_prompt_embeddings=dense.to(sparse.dtype),
+        multimask_output=False,
+        repeat_image=True,
+        high_res_features=embedding.high_res_feats,
+    )
+    return low_res, iou
+
+
+def upsample_logits(low_res: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinear upsampling of mask logits to the source image size (align_corners False)."""
+    return F.interpolate(low_res.float(), size_hw, mode="bilinear", align_corners=False)

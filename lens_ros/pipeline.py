@@ -1,0 +1,324 @@
+"""Image + language command -> ``SegmentationResult``, exactly as LENS infers.
+
+``LensPipeline`` follows the small stateful predictor style of sam2: an image is prepared once
+(VLM-resized copy, SAM2 embedding, vision tower output) and any number of commands can then be
+answered on it. ``segment`` does both in one call and reuses the preparation when it is given
+the same image again. The steps, with LENS_REFERENCE.md §2:
+
+1. VLM image: ``smart_resize`` (factor 28, 3136..1,000,000 px, aspect kept), bicubic.
+   SAM image: the original resized to S x S (S = 1024 for LENS) ignoring aspect, bilinear,
+   normalised with SAM's mean/std.
+2. Pass 1: greedy generation (``do_sample=False`` over the checkpoint's generation config).
+3. The answer is parsed for a box; no box means ``found = False`` and an empty mask.
+4. Pass 2: prompt + answer embedded, image features scattered in, the learnable queries
+   appended, explicit 1-D positions; the query states become one SAM2 prompt token.
+5. SAM2 decodes 256x256 logits, upsampled bilinearly to H x W; mask = logits > 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lens_ros import prompts
+from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, check_command, to_rgb8
+from lens_ros.model.checkpoint import DEFAULT_MODEL, load_lens_model
+from lens_ros.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamImageEmbedding, sam_input_size, upsample_logits
+
+log = logging.getLogger(__name__)
+
+VLM_RESIZE_FACTOR = 28
+VLM_MIN_PIXELS = 3136
+VLM_MAX_PIXELS = 1_000_000
+
+# Stages reported to progress callbacks (and as action feedback by the ROS node).
+STAGE_PREPARING = "preparing"
+STAGE_REASONING = "reasoning"
+STAGE_MASK = "mask"
+
+
+@dataclass
+class PipelineConfig:
+    """How a ``LensPipeline`` loads its model and answers commands."""
+
+    model: str = DEFAULT_MODEL
+    """Model source: a Hugging Face id (``OuyBin/LENS``...), a checkpoint directory, or ``tiny``."""
+    device: str = "cpu"
+    """Torch device: ``cpu``, ``cuda`` or ``cuda:N``."""
+    dtype: str = "float32"
+    """Weights and activations: ``float32``, ``bfloat16`` (LENS's own choice on GPUs) or ``float16``."""
+    allow_download: bool = False
+    """Fetch the model from the Hugging Face hub when it is not in the local cache."""
+    cot: bool = False
+    """Use the chain-of-thought prompt (for the ``_CoT`` checkpoint)."""
+    max_new_tokens: int = 256
+    """Upper bound on generated tokens (LENS's demo uses 256)."""
+    max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS
+    """Longer commands are refused."""
+
+    def __post_init__(self) -> None:
+        from lens_ros.model.checkpoint import DTYPES
+
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not (isinstance(self.max_command_chars, int) and self.max_command_chars >= 1):
+            raise ValueError(f"max_command_chars must be a positive integer, got {self.max_command_chars!r}")
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent per stage of one request (0 for a stage that was skipped or reused)."""
+
+    preprocess_ms: float = 0.0
+    image_encoder_ms: float = 0.0  # SAM2 image embedding
+    vision_ms: float = 0.0  # VLM vision tower
+    reasoning_ms: float = 0.0  # generation
+    mask_ms: float = 0.0  # mask pass + SAM2 decoder + upsampling
+    grasp_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class SegmentationResult:
+    """The answer to one command. The one result type for the node, CLI, episode log and evaluator."""
+
+    command: str
+    image_size: tuple[int, int] = (0, 0)  # (height, width) of the source image
+    reasoning: str = ""
+    found: bool = False
+    box: tuple[float, float, float, float] | None = None  # x1, y1, x2, y2 in source pixels
+    score: float = 0.0  # SAM2's predicted IoU of the mask, 0 when not found
+    mask: np.ndarray | None = None  # bool (H, W); all False when not found
+    grasps: list = field(default_factory=list)
+    timings: StageTimings = field(default_factory=StageTimings)
+    generated_tokens: int = 0
+    model: str = ""
+    error: str = ""  # empty when all went well
+
+    @classmethod
+    def failure(cls, command: str, error: str, image_size: tuple[int, int] = (0, 0), model: str = "") -> "SegmentationResult":
+        """A result for a request that could not be served (bad input, cancelled, ...)."""
+        height, width = image_size
+        return cls(command=command, image_size=image_size, error=error, model=model,
+                   mask=np.zeros((height, width), dtype=bool))
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (the mask is left out: it is written as an image)."""
+        data = asdict(self)
+        data.pop("mask")
+        data["box"] = list(self.box) if self.box is not None else None
+        data["image_size"] = list(self.image_size)
+        data["mask_pixels"] = int(self.mask.sum()) if self.mask is not None else 0
+        return data
+
+
+@dataclass
+class PreparedImage:
+    """An image made ready for any number of commands (sam2's "set_image" step)."""
+
+    rgb: np.ndarray
+    fingerprint: str
+    vlm_image: Image.Image
+    sam_embedding: SamImageEmbedding
+    preprocess_ms: float
+    image_encoder_ms: float
+    vision_features: object = None  # the vision tower output, computed with the first command
+    image_grid_thw: torch.Tensor | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def vlm_size(self) -> tuple[int, int]:
+        return self.vlm_image.height, self.vlm_image.width
+
+
+def vlm_resize_shape(height: int, width: int, max_pixels: int = VLM_MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of the image the VLM sees: Qwen's ``smart_resize`` as LENS calls it."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    return smart_resize(height, width, factor=VLM_RESIZE_FACTOR, min_pixels=VLM_MIN_PIXELS, max_pixels=max_pixels)
+
+
+def sam_pixels(rgb: np.ndarray, size: int) -> torch.Tensor:
+    """SAM2's input: the original image resized to size x size ignoring aspect (bilinear, as
+    torchvision does on PIL images in LENS), normalised on the 0-255 scale; (1, 3, S, S)."""
+    resized = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR), dtype=np.float32)
+    pixels = torch.from_numpy(resized).permute(2, 0, 1)
+    mean = torch.tensor(SAM_PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD).view(3, 1, 1)
+    return ((pixels - mean) / std).unsqueeze(0)
+
+
+def image_fingerprint(rgb: np.ndarray) -> str:
+    digest = hashlib.blake2b(rgb.tobytes(), digest_size=16)
+    digest.update(repr(rgb.shape).encode())
+    return digest.hexdigest()
+
+
+class _ReasoningStream:
+    """A transformers streamer that reports the reasoning generated so far."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        self.tokenizer = tokenizer
+        self.on_text = on_text
+        self.ids: list[int] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
+        self.on_text(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def end(self) -> None:
+        pass
+
+
+class Cancelled(RuntimeError):
+    """The request was cancelled while it ran."""
+
+
+class LensPipeline:
+    """LENS inference on one model. Not thread-safe: call it from one worker thread."""
+
+    def __init__(self, model, processor, config: PipelineConfig | None = None) -> None:
+        self.model = model
+        self.processor = processor
+        self.config = config or PipelineConfig()
+        self._prepared: PreparedImage | None = None
+        self._pad_id = processor.tokenizer.pad_token_id
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig) -> "LensPipeline":
+        model, processor = load_lens_model(config.model, device=config.device, dtype=config.dtype,
+                                           allow_download=config.allow_download)
+        return cls(model, processor, config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.learnable_query.device
+
+    # -- image ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prepare_image(self, image, bgr: bool = False) -> PreparedImage:
+        """Convert, resize and embed ``image`` once; reused while the same image comes back."""
+        rgb = to_rgb8(image, bgr=bgr)
+        fingerprint = image_fingerprint(rgb)
+        if self._prepared is not None and self._prepared.fingerprint == fingerprint:
+            return self._prepared
+        self._prepared = None  # drop the old embedding before computing the next
+        start = time.perf_counter()
+        height, width = rgb.shape[:2]
+        vlm_h, vlm_w = vlm_resize_shape(height, width)
+        vlm_image = Image.fromarray(rgb).resize((vlm_w, vlm_h), Image.BICUBIC)  # PIL's default, as in LENS
+        pixels = sam_pixels(rgb, sam_input_size(self.model.sam)).to(self.device)
+        prepared_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        embedding = self.model.encode_sam_image(pixels)
+        encoder_ms = (time.perf_counter() - start) * 1000
+        self._prepared = PreparedImage(rgb=rgb, fingerprint=fingerprint, vlm_image=vlm_image,
+                                       sam_embedding=embedding, preprocess_ms=prepared_ms,
+                                       image_encoder_ms=encoder_ms)
+        return self._prepared
+
+    # -- command -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def segment(self, image, command: str, bgr: bool = False,
+                progress: Callable[[str, str], None] | None = None,
+                cancel: threading.Event | None = None) -> SegmentationResult:
+        """Answer ``command`` on ``image`` (a numpy array or a ``PreparedImage``).
+
+        Raises ``InvalidInputError`` (a ``ValueError``) for an unusable image or command and
+        ``Cancelled`` when ``cancel`` is set while it runs. ``progress(stage, reasoning)`` is
+        called as the stages start and as reasoning tokens arrive.
+        """
+        total_start = time.perf_counter()
+        text = check_command(command, self.config.max_command_chars)
+        report = progress or (lambda stage, reasoning: None)
+        report(STAGE_PREPARING, "")
+        reused = isinstance(image, PreparedImage) or (
+            self._prepared is not None and isinstance(image, np.ndarray)
+            and image_fingerprint(to_rgb8(image, bgr=bgr)) == self._prepared.fingerprint)
+        prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
+        timings = StageTimings()
+        if not reused:
+            timings.preprocess_ms = prepared.preprocess_ms
+            timings.image_encoder_ms = prepared.image_encoder_ms
+
+        # Pass 1: reasoning and box.
+        report(STAGE_REASONING, "")
+        start = time.perf_counter()
+        chat = self.processor.apply_chat_template(prompts.build_messages(text, cot=self.config.cot),
+                                                  tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
+        timings.preprocess_ms += (time.perf_counter() - start) * 1000
+        if prepared.vision_features is None:
+            start = time.perf_counter()
+            prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            prepared.image_grid_thw = inputs["image_grid_thw"]
+            timings.vision_ms = (time.perf_counter() - start) * 1000
+        start = time.perf_counter()
+        sequence = self._generate(inputs, prepared, report, cancel)
+        prompt_len = inputs["input_ids"].shape[1]
+        answer_ids = sequence[0, prompt_len:]
+        answer = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        timings.reasoning_ms = (time.perf_counter() - start) * 1000
+        parsed = prompts.parse_answer(answer, vlm_size=prepared.vlm_size, image_size=prepared.size)
+
+        result = SegmentationResult(command=text, image_size=prepared.size, reasoning=parsed.reasoning,
+                                    generated_tokens=int(answer_ids.numel()), model=self.model_name,
+                                    mask=np.zeros(prepared.size, dtype=bool), timings=timings)
+        if parsed.found:
+            report(STAGE_MASK, parsed.reasoning)
+            start = time.perf_counter()
+            logits, score = self.mask_logits(prepared, sequence)
+            result.mask = (logits[0, 0] > 0).cpu().numpy()
+            result.found, result.box, result.score = True, parsed.box, score
+            timings.mask_ms = (time.perf_counter() - start) * 1000
+        timings.total_ms = (time.perf_counter() - total_start) * 1000
+        return result
+
+    @property
+    def model_name(self) -> str:
+        return getattr(self.model, "source", None) or self.config.model
+
+    def _generate(self, inputs, prepared: PreparedImage, report, cancel) -> torch.Tensor:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _CancelCriterion(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), bool(cancel is not None and cancel.is_set()),
+                                  dtype=torch.bool, device=input_ids.device)
+
+        streamer = _ReasoningStream(self.processor.tokenizer, lambda partial: report(STAGE_REASONING, partial))
+        kwargs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        sequence = self.model.vlm.generate(
+            **kwargs, mm_encoder_outputs={"image": prepared.vision_features}, do_sample=False,
+            max_new_tokens=self.config.max_new_tokens, streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_CancelCriterion()]))
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("cancelled during reasoning")
+        return sequence
+
+    def mask_logits(self, prepared: PreparedImage, sequence: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Pass 2 on prompt + answer ids: mask logits at the source size (1, 1, H, W) and SAM2's
+        predicted IoU. Padding tokens (LENS: ids equal to the pad id) get attention 0."""
+        attention = (sequence != self._pad_id).long()
+        embeds, attention, positions = self.model.mask_pass_inputs(sequence, attention, prepared.vision_features)
+        states = self.model.query_states(embeds, attention, positions)
+        token = self.model.context_token(states)
+        low_res, iou = self.model.decode_mask(prepared.sam_embedding, token)
+        return upsample_logits(low_res, prepared.size), float(iou.reshape(-1)[0])

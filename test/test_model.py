@@ -1,0 +1,260 @@
+"""LensModel checkpoints and the mask pass, on tiny random models in the real layout."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lens_ros.model.checkpoint import (
+    CheckpointError,
+    ModelUnavailableError,
+    from_checkpoint_key,
+    load_lens_model,
+    resolve_model_source,
+    save_lens_checkpoint,
+    to_checkpoint_key,
+)
+from lens_ros.model.lens import mask_pass_position_ids
+from lens_ros.pipeline import LensPipeline, PreparedImage, sam_pixels
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_weights(directory, edit):
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    edit(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def test_checkpoint_is_in_the_lens_451_layout(tiny_checkpoint):
+    keys = set(load_file(str(tiny_checkpoint / "model.safetensors")))
+    assert "model.embed_tokens.weight" in keys and "model.norm.weight" in keys
+    assert any(k.startswith("model.layers.0.") for k in keys)
+    assert any(k.startswith("visual.blocks.0.") for k in keys)
+    assert not any(k.startswith(("model.language_model.", "model.visual.")) for k in keys)
+    assert "lm_head.weight" not in keys  # tied to embed_tokens, as save_pretrained leaves it out
+    assert tuple(load_file(str(tiny_checkpoint / "model.safetensors"))["learnable_query"].shape) == (1, 64, 64)
+    for prefix in ("connector.blocks.3.attn.qkv.weight", "connector.pos_embed", "conv_1d.weight",
+                   "proj_to_sam.0.weight", "proj_to_sam.2.weight", "sam.sam_mask_decoder.conv_s0.weight"):
+        assert prefix in keys
+    assert not any(k.startswith(("sam.memory_attention", "sam.memory_encoder", "sam.maskmem_tpos_enc")) for k in keys)
+    config = json.loads((tiny_checkpoint / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl"
+    assert config["architectures"] == ["SAMR1ForConditionalGeneration_qwen2p5"]
+    assert config["num_of_query"] == 64 and config["if_use_qwen_connector"] is True
+    assert config["rope_scaling"]["type"] == "mrope" and "hidden_size" in config
+
+
+def test_key_mapping_between_layouts():
+    assert to_checkpoint_key("model.language_model.layers.1.mlp.up_proj.weight") == "model.layers.1.mlp.up_proj.weight"
+    assert to_checkpoint_key("model.visual.merger.mlp.0.weight") == "visual.merger.mlp.0.weight"
+    for old, new in [("model.layers.1.mlp.up_proj.weight", "model.language_model.layers.1.mlp.up_proj.weight"),
+                     ("visual.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"),
+                     ("model.embed_tokens.weight", "model.language_model.embed_tokens.weight"),
+                     ("lm_head.weight", "lm_head.weight")]:
+        assert from_checkpoint_key(old) == new
+        assert from_checkpoint_key(new) == new  # 5.x names pass through
+
+
+def test_save_then_load_is_bit_identical(tiny_model, tmp_path):
+    model, processor = tiny_model
+    save_lens_checkpoint(model, processor, tmp_path / "again")
+    again, _ = load_lens_model(str(tmp_path / "again"))
+    before, after = model.state_dict(), again.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+
+
+def test_transformers_5_layout_loads_identically(tiny_model, tiny_checkpoint, tmp_path):
+    directory = _copy(tiny_checkpoint, tmp_path / "v5")
+    _rewrite_weights(directory, lambda s: s.update({from_checkpoint_key(k): s.pop(k) for k in list(s)
+                                                    if not k.startswith(("sam.", "connector.", "conv_1d.",
+                                                                         "proj_to_sam.", "learnable_query"))}))
+    assert any(k.startswith("model.language_model.") for k in load_file(str(directory / "model.safetensors")))
+    model, _ = load_lens_model(str(directory))
+    reference = tiny_model[0].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+
+
+@pytest.mark.parametrize("key", ["model.layers.1.mlp.up_proj.weight", "visual.merger.mlp.0.weight",
+                                 "connector.blocks.0.norm1.weight", "learnable_query", "sam.no_mem_embed"])
+def test_missing_key_is_an_error_that_names_it(tiny_checkpoint, tmp_path, key):
+    directory = _copy(tiny_checkpoint, tmp_path / "missing")
+    _rewrite_weights(directory, lambda s: s.pop(key))
+    with pytest.raises(CheckpointError, match="missing") as info:
+        load_lens_model(str(directory))
+    assert key.removeprefix("sam.") in str(info.value)
+
+
+def test_unexpected_key_is_an_error_that_names_it(tiny_checkpoint, tmp_path):
+    directory = _copy(tiny_checkpoint, tmp_path / "extra")
+    _rewrite_weights(directory, lambda s: s.update({"connector.blocks.9.norm1.weight": torch.zeros(64)}))
+    with pytest.raises(CheckpointError, match=r"unexpected .*connector\.blocks\.9\.norm1\.weight"):
+        load_lens_model(str(directory))
+
+
+def test_pickle_only_checkpoint_is_refused(tiny_checkpoint, tmp_path):
+    directory = _copy(tiny_checkpoint, tmp_path / "pickle")
+    (directory / "model.safetensors").unlink()
+    (directory / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        load_lens_model(str(directory))
+
+
+def test_corrupt_weights_and_config_are_errors(tiny_checkpoint, tmp_path):
+    directory = _copy(tiny_checkpoint, tmp_path / "corrupt")
+    (directory / "model.safetensors").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="cannot read safetensors"):
+        load_lens_model(str(directory))
+    (directory / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_lens_model(str(directory))
+    (directory / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="not a LENS checkpoint"):
+        load_lens_model(str(directory))
+
+
+def test_unavailable_sources_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelUnavailableError, match=r"OuyBin/LENS.*downloads are disabled.*--model tiny"):
+        resolve_model_source("OuyBin/LENS", allow_download=False)
+    with pytest.raises(ModelUnavailableError, match="not a checkpoint directory"):
+        resolve_model_source(str(tmp_path / "no" / "such" / "dir"))
+
+
+def test_mask_pass_positions_formula():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
+    positions = mask_pass_position_ids(mask)
+    assert positions.shape == (3, 2, 6)
+    expected = torch.tensor([[0, 1, 2, 3, 4, 5], [1, 1, 0, 1, 2, 3]])
+    for axis in range(3):
+        assert torch.equal(positions[axis], expected)
+
+
+def _prompt_and_answer(pipeline, image, answer):
+    """Prompt + a given answer as token ids: the sequence the mask pass sees after generation."""
+    from lens_ros import prompts
+
+    prepared = pipeline.prepare_image(image)
+    chat = pipeline.processor.apply_chat_template(prompts.build_messages("the cup"), tokenize=False,
+                                                  add_generation_prompt=True)
+    inputs = pipeline.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt")
+    answer_ids = pipeline.processor.tokenizer(answer + "<|im_end|>", return_tensors="pt")["input_ids"]
+    return prepared, inputs, torch.cat([inputs["input_ids"], answer_ids], dim=1)
+
+
+def test_mask_pass_feeds_1d_positions_to_every_token(tiny_pipeline, photo_640x480):
+    pipeline = tiny_pipeline
+    prepared, inputs, sequence = _prompt_and_answer(pipeline, photo_640x480, "[10, 20, 200, 150]")
+    with torch.inference_mode():
+        prepared.vision_features = pipeline.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        seen = []
+        rotary = pipeline.model.vlm.model.language_model.rotary_emb
+        handle = rotary.register_forward_pre_hook(lambda module, args: seen.append(args[1].clone()))
+        try:
+            pipeline.mask_logits(prepared, sequence)
+        finally:
+            handle.remove()
+    assert len(seen) == 1
+    positions = seen[0]
+    length = sequence.shape[1] + pipeline.model.num_queries
+    assert positions.shape == (3, 1, length)
+    image_tokens = (sequence[0] == pipeline.model.config.image_token_id).sum()
+    assert image_tokens == 391  # 640x480 -> 644x476 -> 391 merged visual tokens
+    for axis in range(3):
+        assert torch.equal(positions[axis, 0], torch.arange(length))  # images and queries included
+
+
+def test_reused_vision_output_and_sam_embedding_are_exact(tiny_pipeline, photo_640x480):
+    pipeline = tiny_pipeline
+    prepared, inputs, sequence = _prompt_and_answer(pipeline, photo_640x480, "[64, 48, 320, 240]")
+    with torch.inference_mode():
+        pipeline.segment(prepared, "the cup")  # fills prepared.vision_features, reused below
+        reused, reused_score = pipeline.mask_logits(prepared, sequence)
+        model = pipeline.model
+        fresh = PreparedImage(
+            rgb=prepared.rgb, fingerprint="fresh", vlm_image=prepared.vlm_image,
+            sam_embedding=model.encode_sam_image(sam_pixels(prepared.rgb, model.sam.image_size)),
+            preprocess_ms=0, image_encoder_ms=0,
+            vision_features=model.vlm.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"],
+                                                               return_dict=True))
+        recomputed, recomputed_score = pipeline.mask_logits(fresh, sequence)
+    assert reused.shape == (1, 1, 480, 640)
+    assert torch.allclose(reused, recomputed, rtol=0, atol=1e-5)
+    assert reused_score == pytest.approx(recomputed_score, abs=1e-6)
+
+
+def test_context_head_maths(tiny_model):
+    """connector -> conv_1d over the query positions -> proj_to_sam: one 256-d token."""
+    model = tiny_model[0]
+    states = torch.randn(2, model.num_queries, model.config.text_config.hidden_size)
+    with torch.inference_mode():
+        token = model.context_token(states)
+        x = states + model.connector.pos_embed
+        for block in model.connector.blocks:
+            x = block(x)
+        collapsed = torch.einsum("bqd,edq->be", x, model.conv_1d.weight) + model.conv_1d.bias
+        expected = model.proj_to_sam(collapsed)[:, None]
+    assert token.shape == (2, 1, 256)
+    assert torch.allclose(token, expected, atol=1e-5)
+
+
+def test_mask_logits_match_a_transcription_of_lens_forward(tiny_pipeline, photo_640x480):
+    """Our staged mask pass against LENS's own forward (samr1.py), written out step by step."""
+    import torch.nn.functional as F
+
+    from lens_ros.pipeline import LensPipeline
+
+    pipeline = LensPipeline(tiny_pipeline.model, tiny_pipeline.processor, tiny_pipeline.config)
+    prepared, inputs, ids = _prompt_and_answer(pipeline, photo_640x480, "[64, 48, 320, 240]")
+    model, vlm, sam = pipeline.model, pipeline.model.vlm, pipeline.model.sam
+    with torch.inference_mode():
+        prepared.vision_features = model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        ours, _ = pipeline.mask_logits(prepared, ids)
+
+        # process_llm_input: embed, scatter the vision tower output, append the queries.
+        embeds = vlm.get_input_embeddings()(ids)
+        image = vlm.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
+        embeds = embeds.masked_scatter((ids == vlm.config.image_token_id)[..., None].expand_as(embeds), image)
+        embeds = torch.cat([embeds, model.learnable_query.repeat(1, 1, 1)], dim=1)
+        attention = torch.ones(embeds.shape[:2], dtype=torch.long)
+        positions = (attention.cumsum(-1) - 1)[None].expand(3, -1, -1)  # transformers 4.51's fallback
+        hidden = vlm(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                     output_hidden_states=True).hidden_states[-1]
+        # get_sam_embedding
+        query = model.connector(hidden[:, -model.num_queries:])
+        query = model.conv_1d(query.transpose(1, 2)).transpose(1, 2).contiguous()
+        token = model.proj_to_sam(query)
+        # the SAM branch of forward()
+        size = sam.image_size
+        backbone = sam.forward_image(sam_pixels(prepared.rgb, size))
+        _, feats, _, _ = sam._prepare_backbone_features(backbone)
+        feats[-1] = feats[-1] + sam.no_mem_embed
+        sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
+        feats = [f.permute(1, 2, 0).view(1, -1, *s) for f, s in zip(feats[::-1], sizes[::-1])][::-1]
+        sparse, dense = sam.sam_prompt_encoder(points=None, boxes=None, masks=None)
+        sparse = torch.cat([sparse, token], dim=1)  # LENS's prompt-encoder patch
+        low_res, _, _, _ = sam.sam_mask_decoder(
+            image_embeddings=feats[-1], image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False,
+            repeat_image=True, high_res_features=feats[:-1])
+        reference = F.interpolate(low_res.float(), (480, 640), mode="bilinear", align_corners=False)
+    assert low_res.shape == (1, 1, size // 4, size // 4)
+    assert torch.allclose(ours, reference, rtol=0, atol=1e-5)
+
+
+def test_tiny_source_is_built_once_then_reused(tmp_path):
+    first = resolve_model_source("tiny", cache_dir=tmp_path)
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    again = resolve_model_source("tiny", cache_dir=tmp_path)
+    assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging leftovers
