@@ -1,0 +1,1 @@
+"""Benchmark scripts that print figures (``python -m lens_ros.bench.<name>``); not tests."""
