@@ -238,6 +238,7 @@ def test_mask_logits_match_a_transcription_of_lens_forward(tiny_pipeline, photo_
         size = sam.image_size
         backbone = sam.forward_image(sam_pixels(prepared.rgb, size))
         _, feats, _, _ = sam._prepare_backbone_features(backbone)
+        feats = [f.to(torch.float32) for f in feats]  # .to(sam_images.dtype)
         feats[-1] = feats[-1] + sam.no_mem_embed
         sizes = [(size // 4, size // 4), (size // 8, size // 8), (size // 16, size // 16)]
         feats = [f.permute(1, 2, 0).view(1, -1, *s) for f, s in zip(feats[::-1], sizes[::-1])][::-1]
@@ -258,3 +259,45 @@ def test_tiny_source_is_built_once_then_reused(tmp_path):
     again = resolve_model_source("tiny", cache_dir=tmp_path)
     assert again == first and (again / "model.safetensors").stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no staging leftovers
+
+
+def _to_451_processor_files(directory):
+    """Rewrite the processor files as transformers 4.51 saved them in the released checkpoints."""
+    config = json.loads((directory / "processor_config.json").read_text())
+    image = config["image_processor"]
+    image.pop("size")
+    image.update({"min_pixels": 3136, "max_pixels": 12845056, "processor_class": "Qwen2_5_VLProcessor"})
+    (directory / "preprocessor_config.json").write_text(json.dumps(image))
+    (directory / "processor_config.json").unlink()
+    template = (directory / "chat_template.jinja").read_text()
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    (directory / "chat_template.jinja").unlink()
+    tokenizer = json.loads((directory / "tokenizer_config.json").read_text())
+    tokenizer.pop("backend", None)
+    tokenizer["tokenizer_class"] = "Qwen2Tokenizer"
+    tokenizer["additional_special_tokens"] = tokenizer.pop("extra_special_tokens")
+    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+
+
+def test_processor_files_of_the_451_era_load(tiny_checkpoint, tmp_path, photo_640x480):
+    directory = _copy(tiny_checkpoint, tmp_path / "old")
+    _to_451_processor_files(directory)
+    model, processor = load_lens_model(str(directory))
+    assert type(processor.tokenizer).__name__ == "Qwen2Tokenizer"
+    assert processor.tokenizer.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+    result = LensPipeline(model, processor).segment(photo_640x480, "the cup")
+    assert result.error == "" and result.mask.shape == (480, 640)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_runs_both_passes(tiny_checkpoint, photo_640x480, dtype):
+    model, processor = load_lens_model(str(tiny_checkpoint), dtype=dtype)
+    assert model.learnable_query.dtype == getattr(torch, dtype)
+    assert model.sam.no_mem_embed.dtype == getattr(torch, dtype)
+    pipeline = LensPipeline(model, processor)
+    prepared, inputs, sequence = _prompt_and_answer(pipeline, photo_640x480, "[64, 48, 320, 240]")
+    with torch.inference_mode():
+        prepared.vision_features = model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        logits, score = pipeline.mask_logits(prepared, sequence)
+    assert logits.dtype == torch.float32 and logits.shape == (1, 1, 480, 640)
+    assert torch.isfinite(logits).all() and np.isfinite(score)

@@ -12,7 +12,13 @@ import torch
 from torch import nn
 
 from lens_ros.model.context_head import Connector, init_context_head
-from lens_ros.model.sam import SamImageEmbedding, Sam2Spec, decode_mask, encode_image
+from lens_ros.model.sam import (
+    SamImageEmbedding,
+    Sam2Spec,
+    decode_mask,
+    encode_image,
+    keep_positional_encoding_float32,
+)
 
 DEFAULT_NUM_QUERIES = 64
 
@@ -51,6 +57,12 @@ class LensModel(nn.Module):
         self.sam = sam
         if self.learnable_query.device.type != "meta":
             init_context_head(self.learnable_query, self.conv_1d)
+
+    def _apply(self, fn, recurse=True):
+        # Every .to()/.half()/.bfloat16() passes through here: restore SAM2's float32 buffer.
+        super()._apply(fn, recurse)
+        keep_positional_encoding_float32(self.sam)
+        return self
 
     # -- VLM -----------------------------------------------------------------------------
     @property

@@ -66,6 +66,17 @@ class SamImageEmbedding:
     high_res_feats: list[torch.Tensor] = field(default_factory=list)
 
 
+def keep_positional_encoding_float32(sam: torch.nn.Module) -> None:
+    """Keep the prompt encoder's random-frequency matrix in float32.
+
+    SAM2 builds its positional-encoding grid in float32 whatever the model's dtype, so a
+    bfloat16/float16 matrix fails the matmul; in float32 the encoding is also the accurate one.
+    ``decode_mask`` casts the result to the model's dtype.
+    """
+    pe_layer = sam.sam_prompt_encoder.pe_layer
+    pe_layer.positional_encoding_gaussian_matrix = pe_layer.positional_encoding_gaussian_matrix.float()
+
+
 def sam_input_size(sam: torch.nn.Module) -> int:
     """Side of the square image SAM2 takes (1024 for the released models)."""
     return int(sam.image_size)
@@ -75,6 +86,9 @@ def encode_image(sam: torch.nn.Module, pixels: torch.Tensor) -> SamImageEmbeddin
     """Run SAM2's image encoder on normalised pixels of shape (1, 3, S, S)."""
     backbone_out = sam.forward_image(pixels)
     _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+    # SAM2's FPN upsamples in float32, so some levels come out float32 under bfloat16/float16
+    # weights; LENS casts every level back to the input's dtype before decoding.
+    vision_feats = [feat.to(pixels.dtype) for feat in vision_feats]
     if sam.directly_add_no_mem_embed:
         vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
     batch = pixels.shape[0]
@@ -96,7 +110,7 @@ def decode_mask(sam: torch.nn.Module, embedding: SamImageEmbedding, token: torch
     sparse = token.to(embedding.image_embed.dtype)
     low_res, iou, _, _ = sam.sam_mask_decoder(
         image_embeddings=embedding.image_embed,
-        image_pe=sam.sam_prompt_encoder.get_dense_pe(),
+        image_pe=sam.sam_prompt_encoder.get_dense_pe().to(sparse.dtype),
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense.to(sparse.dtype),
         multimask_output=False,
