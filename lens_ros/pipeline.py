@@ -313,6 +313,22 @@ class LensPipeline:
             raise Cancelled("cancelled during reasoning")
         return sequence
 
+    @torch.inference_mode()
+    def answer_mask_logits(self, image, command: str, answer: str, bgr: bool = False) -> tuple[torch.Tensor, float]:
+        """Mask logits (1, 1, H, W) and score for a GIVEN answer instead of a generated one (the
+        answer is teacher-forced, as LENS's stage 1 does with the ground-truth box)."""
+        prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
+        chat = self.processor.apply_chat_template(
+            prompts.build_messages(check_command(command, self.config.max_command_chars), cot=self.config.cot),
+            tokenize=False, add_generation_prompt=True)
+        inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
+        if prepared.vision_features is None:
+            prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        eos = self.processor.tokenizer.eos_token or ""
+        answer_ids = self.processor.tokenizer(answer + eos, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        sequence = torch.cat([inputs["input_ids"], answer_ids.to(self.device)], dim=1)
+        return self.mask_logits(prepared, sequence)
+
     def mask_logits(self, prepared: PreparedImage, sequence: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Pass 2 on prompt + answer ids: mask logits at the source size (1, 1, H, W) and SAM2's
         predicted IoU. Padding tokens (LENS: ids equal to the pad id) get attention 0."""

@@ -131,3 +131,10 @@ def test_command_limit_is_configurable():
 def test_bad_pipeline_config_is_refused(field, value):
     with pytest.raises(ValueError, match=field):
         PipelineConfig(**{field: value})
+
+
+def test_answer_mask_logits_teacher_forces_a_given_answer(tiny_pipeline, photo_640x480):
+    logits, score = tiny_pipeline.answer_mask_logits(photo_640x480, "the cup", "[64, 48, 320, 240]")
+    assert logits.shape == (1, 1, 480, 640) and 0.0 <= score <= 1.0  # SAM2 predicts IoU through a sigmoid
+    other, _ = tiny_pipeline.answer_mask_logits(photo_640x480, "the cup", "[300, 200, 600, 460]")
+    assert not np.allclose(logits.numpy(), other.numpy())  # the answer text reaches the mask

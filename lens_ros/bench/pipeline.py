@@ -84,8 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         pipeline.segment(frame(-i - 10), args.command)
     new_image = [pipeline.segment(frame(i), args.command).timings for i in range(args.runs)]
     same_image = [pipeline.segment(rgb, args.command).timings for _ in range(args.runs + 1)][1:]
+    # A random tiny model rarely writes a box, so time the mask pass on a given answer as well.
+    import time
+
+    mask_pass = []
+    for i in range(args.runs):
+        prepared = pipeline.prepare_image(frame(i))
+        start = time.perf_counter()
+        pipeline.answer_mask_logits(prepared, args.command, "[64, 48, 320, 240]")
+        mask_pass.append(StageTimings(mask_ms=(time.perf_counter() - start) * 1000))
     _report("new image each run", new_image)
     _report("same image (embeddings reused)", same_image)
+    median = statistics.median(t.mask_ms for t in mask_pass)
+    print(f"\nmask pass on a given answer (prompt + answer + queries -> SAM2 -> H x W): median {median:.1f} ms, "
+          f"p10 {_percentile([t.mask_ms for t in mask_pass], 10):.1f}, p90 {_percentile([t.mask_ms for t in mask_pass], 90):.1f}")
     print(f"\n{_peak_memory(args.device)}")
     return 0
 
