@@ -133,7 +133,6 @@ class PreparedImage:
     preprocess_ms: float
     image_encoder_ms: float
     vision_features: object = None  # the vision tower output, computed with the first command
-    image_grid_thw: torch.Tensor | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -249,29 +248,24 @@ class LensPipeline:
         text = check_command(command, self.config.max_command_chars)
         report = progress or (lambda stage, reasoning: None)
         report(STAGE_PREPARING, "")
-        reused = isinstance(image, PreparedImage) or (
-            self._prepared is not None and isinstance(image, np.ndarray)
-            and image_fingerprint(to_rgb8(image, bgr=bgr)) == self._prepared.fingerprint)
+        cached = self._prepared
         prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
         timings = StageTimings()
-        if not reused:
+        if not isinstance(image, PreparedImage) and prepared is not cached:  # paid for by this request
             timings.preprocess_ms = prepared.preprocess_ms
             timings.image_encoder_ms = prepared.image_encoder_ms
 
         # Pass 1: reasoning and box.
         report(STAGE_REASONING, "")
         start = time.perf_counter()
-        chat = self.processor.apply_chat_template(prompts.build_messages(text, cot=self.config.cot),
-                                                  tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
+        inputs = self._prompt_inputs(prepared, text)
         timings.preprocess_ms += (time.perf_counter() - start) * 1000
-        if prepared.vision_features is None:
-            start = time.perf_counter()
-            prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-            prepared.image_grid_thw = inputs["image_grid_thw"]
+        start = time.perf_counter()
+        if self._ensure_vision_features(prepared, inputs):
             timings.vision_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        sequence = self._generate(inputs, prepared, report, cancel)
+        sequence = self._generate(inputs, prepared, progress and (lambda partial: progress(STAGE_REASONING, partial)),
+                                  cancel)
         prompt_len = inputs["input_ids"].shape[1]
         answer_ids = sequence[0, prompt_len:]
         answer = self.processor.tokenizer.decode(answer_ids, skip_special_tokens=True)
@@ -295,7 +289,20 @@ class LensPipeline:
     def model_name(self) -> str:
         return getattr(self.model, "source", None) or self.config.model
 
-    def _generate(self, inputs, prepared: PreparedImage, report, cancel) -> torch.Tensor:
+    def _prompt_inputs(self, prepared: PreparedImage, command: str):
+        """Chat-templated prompt + image, through the checkpoint's own processor."""
+        chat = self.processor.apply_chat_template(prompts.build_messages(command, cot=self.config.cot),
+                                                  tokenize=False, add_generation_prompt=True)
+        return self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
+
+    def _ensure_vision_features(self, prepared: PreparedImage, inputs) -> bool:
+        """Run the vision tower unless this image already has its output; True when it ran."""
+        if prepared.vision_features is not None:
+            return False
+        prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        return True
+
+    def _generate(self, inputs, prepared: PreparedImage, on_text, cancel) -> torch.Tensor:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class _CancelCriterion(StoppingCriteria):
@@ -303,7 +310,7 @@ class LensPipeline:
                 return torch.full((input_ids.shape[0],), bool(cancel is not None and cancel.is_set()),
                                   dtype=torch.bool, device=input_ids.device)
 
-        streamer = _ReasoningStream(self.processor.tokenizer, lambda partial: report(STAGE_REASONING, partial))
+        streamer = _ReasoningStream(self.processor.tokenizer, on_text) if on_text else None  # decoding costs
         kwargs = {k: v for k, v in inputs.items() if k != "pixel_values"}
         sequence = self.model.vlm.generate(
             **kwargs, mm_encoder_outputs={"image": prepared.vision_features}, do_sample=False,
@@ -318,12 +325,8 @@ class LensPipeline:
         """Mask logits (1, 1, H, W) and score for a GIVEN answer instead of a generated one (the
         answer is teacher-forced, as LENS's stage 1 does with the ground-truth box)."""
         prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
-        chat = self.processor.apply_chat_template(
-            prompts.build_messages(check_command(command, self.config.max_command_chars), cot=self.config.cot),
-            tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
-        if prepared.vision_features is None:
-            prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        inputs = self._prompt_inputs(prepared, check_command(command, self.config.max_command_chars))
+        self._ensure_vision_features(prepared, inputs)
         eos = self.processor.tokenizer.eos_token or ""
         answer_ids = self.processor.tokenizer(answer + eos, add_special_tokens=False, return_tensors="pt")["input_ids"]
         sequence = torch.cat([inputs["input_ids"], answer_ids.to(self.device)], dim=1)

@@ -60,9 +60,13 @@ def test_same_image_reuses_its_embeddings(tiny_pipeline, photo_640x480):
 
 
 def test_progress_reports_stages(tiny_pipeline, photo_640x480):
-    stages = []
-    tiny_pipeline.segment(photo_640x480, "the spoon", progress=lambda stage, text: stages.append(stage))
-    assert stages[0] == "preparing" and "reasoning" in stages
+    reports = []
+    result = tiny_pipeline.segment(photo_640x480, "the spoon", progress=lambda *report: reports.append(report))
+    stages = [stage for stage, _ in reports]
+    assert stages[0] == "preparing" and stages[1] == "reasoning"
+    streamed = [text for stage, text in reports if stage == "reasoning"]
+    assert len(streamed) == 1 + result.generated_tokens  # the stage start, then one per token
+    assert streamed[-1].strip() == result.reasoning
 
 
 def test_cancel_stops_a_request(tiny_pipeline, photo_640x480):
