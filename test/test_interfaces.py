@@ -233,3 +233,15 @@ def test_segmentation_published_by_one_node_is_received_by_another(ros_context, 
         executor.shutdown()
         pub_node.destroy_node()
         sub_node.destroy_node()
+
+
+def test_segmentation_latencies_mirror_stage_timings():
+    """Every pipeline stage has its latency field in the message, and nothing else does."""
+    from dataclasses import fields
+
+    from lens_ros.msg import Segmentation
+    from lens_ros.pipeline import StageTimings
+
+    message_fields = {name for name in Segmentation.get_fields_and_field_types() if name.startswith("latency_")}
+    assert message_fields == {f"latency_{f.name}" for f in fields(StageTimings)}
+    assert all(Segmentation.get_fields_and_field_types()[name] == "float" for name in message_fields)
