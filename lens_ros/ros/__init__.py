@@ -1,0 +1,1 @@
+"""The only code that imports rclpy: the node and its message conversions."""

@@ -1,0 +1,456 @@
+"""lens_ros.ros.conversions: sensor_msgs/Image <-> numpy and SegmentationResult -> Segmentation.
+
+Real sensor_msgs / lens_ros messages throughout (no mocks); messages are also put through
+rclpy's CDR serialisation to show that what is built here is what goes on the wire.
+"""
+
+import array
+import dataclasses
+
+import numpy as np
+import pytest
+from builtin_interfaces.msg import Time
+from rclpy.serialization import deserialize_message, serialize_message
+from sensor_msgs.msg import Image
+from std_msgs.msg import Header
+
+from lens_ros.images import InvalidInputError
+from lens_ros.msg import GraspRegion, Segmentation
+from lens_ros.pipeline import SegmentationResult, StageTimings
+from lens_ros.ros.conversions import (
+    COLOR_ENCODINGS,
+    DEPTH_ENCODINGS,
+    SUPPORTED_ENCODINGS,
+    ImageConversionError,
+    array_to_image,
+    color_image_to_rgb,
+    depth_image_to_metres,
+    image_to_array,
+    mask_to_image,
+    quaternion_from_axes,
+    result_to_segmentation,
+    seconds_between,
+    stamp_to_seconds,
+)
+
+H, W = 32, 40  # at least the pipeline's 28 px minimum, so colour images pass to_rgb8
+
+# encoding -> (numpy shape suffix, dtype)
+LAYOUTS = {
+    "rgb8": ((3,), np.uint8), "bgr8": ((3,), np.uint8), "rgba8": ((4,), np.uint8),
+    "bgra8": ((4,), np.uint8), "mono8": ((), np.uint8), "8UC1": ((), np.uint8),
+    "mono16": ((), np.uint16), "16UC1": ((), np.uint16), "32FC1": ((), np.float32),
+}
+
+
+def random_array(encoding, rng, height=H, width=W):
+    suffix, dtype = LAYOUTS[encoding]
+    shape = (height, width) + suffix
+    if dtype == np.float32:
+        values = rng.normal(scale=10.0, size=shape).astype(np.float32)
+        values.flat[:3] = [np.nan, np.inf, -np.inf]  # must survive the round trip bit for bit
+        return values
+    return rng.integers(0, np.iinfo(dtype).max, size=shape, dtype=dtype, endpoint=True)
+
+
+def header(sec=1_700_000_000, nanosec=123_456_789, frame="camera_color_optical_frame"):
+    return Header(stamp=Time(sec=sec, nanosec=nanosec), frame_id=frame)
+
+
+def raw_image(pixels, encoding, pad=0, bigendian=False, trailing=0):
+    """An Image built by hand (as a driver would), rows padded with `pad` junk bytes."""
+    order = ">" if bigendian else "<"
+    rows = np.ascontiguousarray(pixels, dtype=pixels.dtype.newbyteorder(order))
+    height, width = pixels.shape[:2]
+    row_bytes = rows.reshape(height, -1).view(np.uint8)
+    junk = np.full((height, pad), 0xAB, dtype=np.uint8)
+    data = np.concatenate([row_bytes, junk], axis=1).tobytes() + b"\xcd" * trailing
+    return Image(height=height, width=width, encoding=encoding, is_bigendian=int(bigendian),
+                 step=row_bytes.shape[1] + pad, data=array.array("B", data))
+
+
+def test_supported_encodings_are_those_tested():
+    assert set(SUPPORTED_ENCODINGS) == set(LAYOUTS)
+    assert set(COLOR_ENCODINGS) <= set(LAYOUTS) and set(DEPTH_ENCODINGS) <= set(LAYOUTS)
+    assert issubclass(ImageConversionError, InvalidInputError)
+    assert issubclass(ImageConversionError, ValueError)
+
+
+# -- array -> Image -> array --------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", list(LAYOUTS))
+def test_round_trip_is_exact(encoding):
+    pixels = random_array(encoding, np.random.default_rng(0))
+    msg = array_to_image(pixels, encoding, header())
+    suffix, dtype = LAYOUTS[encoding]
+    assert (msg.height, msg.width, msg.encoding, msg.is_bigendian) == (H, W, encoding, 0)
+    assert msg.step == W * int(np.prod(suffix, dtype=int)) * np.dtype(dtype).itemsize
+    assert len(msg.data) == msg.step * H
+    assert msg.header == header()
+    back = image_to_array(msg)
+    assert back.dtype == dtype and back.shape == pixels.shape
+    np.testing.assert_array_equal(back, pixels)
+    # ... and through rclpy's serialisation, as a subscriber would receive it.
+    received = deserialize_message(serialize_message(msg), Image)
+    assert received.header == header()
+    np.testing.assert_array_equal(image_to_array(received), pixels)
+
+
+@pytest.mark.parametrize("encoding", list(LAYOUTS))
+@pytest.mark.parametrize("pad", [1, 7])
+def test_padded_rows_and_trailing_bytes(encoding, pad):
+    pixels = random_array(encoding, np.random.default_rng(pad))
+    msg = raw_image(pixels, encoding, pad=pad, trailing=5)
+    np.testing.assert_array_equal(image_to_array(msg), pixels)
+
+
+@pytest.mark.parametrize("encoding", ["16UC1", "mono16", "32FC1"])
+@pytest.mark.parametrize("pad", [0, 3])
+def test_big_endian_is_swapped_to_native(encoding, pad):
+    pixels = random_array(encoding, np.random.default_rng(1))
+    msg = raw_image(pixels, encoding, pad=pad, bigendian=True)
+    back = image_to_array(msg)
+    assert back.dtype.isnative
+    np.testing.assert_array_equal(back, pixels)
+
+
+def test_big_endian_flag_is_ignored_for_bytes():
+    pixels = random_array("rgb8", np.random.default_rng(2))
+    np.testing.assert_array_equal(image_to_array(raw_image(pixels, "rgb8", bigendian=True)), pixels)
+
+
+def test_reading_is_a_view_unless_a_copy_is_asked_for():
+    pixels = random_array("rgb8", np.random.default_rng(3))
+    msg = raw_image(pixels, "rgb8", pad=4)
+    data = np.frombuffer(msg.data, dtype=np.uint8)
+    assert np.shares_memory(image_to_array(msg), data)
+    own = image_to_array(msg, copy=True)
+    assert not np.shares_memory(own, data) and own.flags.c_contiguous
+    np.testing.assert_array_equal(own, pixels)
+
+
+def test_array_to_image_converts_byte_order_and_layout():
+    rng = np.random.default_rng(4)
+    depth = random_array("16UC1", rng)
+    msg = array_to_image(depth.astype(">u2"), "16UC1")
+    assert msg.is_bigendian == 0 and bytes(msg.data) == depth.astype("<u2").tobytes()
+    wide = random_array("rgb8", rng, width=2 * W)
+    strided = wide[:, ::2]  # not contiguous
+    np.testing.assert_array_equal(image_to_array(array_to_image(strided, "rgb8")), strided)
+    assert array_to_image(depth, "16UC1").header == Header()
+
+
+def test_array_to_image_of_an_empty_array_is_an_empty_image():
+    msg = array_to_image(np.zeros((0, 0), np.uint8), "mono8")
+    assert (msg.height, msg.width, msg.step, len(msg.data)) == (0, 0, 0, 0)
+
+
+@pytest.mark.parametrize("array_, encoding, match", [
+    (np.zeros((H, W), np.float64), "32FC1",
+     r"^encoding '32FC1' needs a \(H, W\) float32 array, got shape \(32, 40\) float64$"),
+    (np.zeros((H, W), np.uint8), "rgb8", r"'rgb8' needs a \(H, W, 3\) uint8 array, got shape \(32, 40\) uint8"),
+    (np.zeros((H, W, 3), np.uint8), "rgba8", r"'rgba8' needs a \(H, W, 4\) uint8 array"),
+    (np.zeros((H, W, 1), np.uint16), "16UC1", r"'16UC1' needs a \(H, W\) uint16 array"),
+    (np.zeros((H, W), np.int16), "16UC1", r"needs a \(H, W\) uint16 array, got shape \(32, 40\) int16"),
+    (np.zeros((H, W), np.uint8), "yuv422", r"unsupported encoding 'yuv422' \(supported: rgb8, bgr8, "),
+    ([[0, 1], [2, 3]], "mono8", r"array must be a numpy array, got list"),
+])
+def test_array_to_image_refuses_mismatches(array_, encoding, match):
+    with pytest.raises(ImageConversionError, match=match):
+        array_to_image(array_, encoding)
+
+
+# -- bad messages ---------------------------------------------------------------------------------
+def good_message():
+    return raw_image(np.zeros((480, 640, 3), np.uint8), "rgb8")
+
+
+def test_unknown_encoding_is_refused_with_the_supported_ones():
+    msg = good_message()
+    msg.encoding = "yuv422"
+    with pytest.raises(ImageConversionError, match=r"^unsupported encoding 'yuv422' "
+                       r"\(supported: rgb8, bgr8, rgba8, bgra8, mono8, 8UC1, mono16, 16UC1, 32FC1\)$"):
+        image_to_array(msg)
+    with pytest.raises(ImageConversionError, match=r"^unsupported encoding 'yuv422' for a colour image"):
+        color_image_to_rgb(msg)
+    with pytest.raises(ImageConversionError, match=r"^unsupported encoding 'yuv422' for a depth image"):
+        depth_image_to_metres(msg)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"step": 100}, r"^step 100 is smaller than width 640 x 3 bytes$"),
+    ({"data": array.array("B", bytes(1000))}, r"^data has 1000 bytes, expected step 1920 x height 480 = 921600$"),
+    ({"data": array.array("B", bytes(921599))}, r"^data has 921599 bytes"),
+    ({"width": 0, "height": 0, "step": 0, "data": array.array("B")}, r"^image is empty \(0x0\)$"),
+    ({"width": 0}, r"^image is empty \(0x480\)$"),
+    ({"height": 0}, r"^image is empty \(640x0\)$"),
+])
+def test_bad_images_are_refused_with_the_reason(change, match):
+    msg = good_message()
+    for field, value in change.items():
+        setattr(msg, field, value)
+    for convert in (image_to_array, color_image_to_rgb):
+        with pytest.raises(ImageConversionError, match=match):
+            convert(msg)
+    msg.encoding = "16UC1"  # the same checks guard depth images (2 bytes per pixel)
+    with pytest.raises(ImageConversionError, match=match.replace("640 x 3", "640 x 2")):
+        depth_image_to_metres(msg)
+
+
+def test_step_is_checked_in_bytes_for_wide_pixels():
+    msg = raw_image(np.zeros((4, 10), np.float32), "32FC1")
+    msg.step = 39
+    with pytest.raises(ImageConversionError, match=r"^step 39 is smaller than width 10 x 4 bytes$"):
+        image_to_array(msg)
+
+
+# -- colour ---------------------------------------------------------------------------------------
+def test_bgr8_and_bgra8_become_rgb():
+    rgb = random_array("rgb8", np.random.default_rng(5))
+    alpha = np.full((H, W, 1), 7, np.uint8)
+    np.testing.assert_array_equal(color_image_to_rgb(array_to_image(rgb[:, :, ::-1], "bgr8")), rgb)
+    bgra = np.concatenate([rgb[:, :, ::-1], alpha], axis=2)
+    np.testing.assert_array_equal(color_image_to_rgb(raw_image(bgra, "bgra8", pad=3)), rgb)
+    rgba = np.concatenate([rgb, alpha], axis=2)
+    np.testing.assert_array_equal(color_image_to_rgb(array_to_image(rgba, "rgba8")), rgb)
+    out = color_image_to_rgb(array_to_image(rgb, "rgb8"))
+    assert out.dtype == np.uint8 and out.shape == (H, W, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_grayscale_becomes_rgb_and_mono16_is_scaled():
+    gray = random_array("mono8", np.random.default_rng(6))
+    np.testing.assert_array_equal(color_image_to_rgb(array_to_image(gray, "mono8")), np.stack([gray] * 3, axis=2))
+    levels = (np.arange(H * W) % 256).astype(np.uint16).reshape(H, W)
+    mono16 = levels * 257  # 0 -> 0, 257 k -> k, 65535 -> 255
+    out = color_image_to_rgb(raw_image(mono16, "mono16", bigendian=True))
+    assert out.dtype == np.uint8
+    np.testing.assert_array_equal(out, np.stack([levels.astype(np.uint8)] * 3, axis=2))
+
+
+@pytest.mark.parametrize("encoding", ["32FC1", "16UC1", "8UC1"])
+def test_colour_refuses_other_encodings(encoding):
+    msg = array_to_image(random_array(encoding, np.random.default_rng(7)), encoding)
+    with pytest.raises(ImageConversionError, match=rf"^unsupported encoding '{encoding}' for a colour image "
+                       r"\(supported: rgb8, bgr8, rgba8, bgra8, mono8, mono16\)$"):
+        color_image_to_rgb(msg)
+
+
+# -- depth ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["16UC1", "mono16"])
+def test_depth_millimetres_become_metres(encoding):
+    millimetres = np.array([[0, 1000, 1500], [65535, 1, 0]], np.uint16)
+    metres = depth_image_to_metres(raw_image(millimetres, encoding, pad=2, bigendian=True))
+    assert metres.dtype == np.float32 and metres.shape == (2, 3)
+    expected = np.array([[np.nan, 1.0, 1.5], [65.535, 0.001, np.nan]], np.float32)
+    np.testing.assert_array_equal(metres, expected)
+
+
+def test_depth_metres_mark_missing_readings_nan():
+    values = np.array([[2.5, np.inf, -np.inf], [np.nan, -1.0, 0.0]], np.float32)
+    msg = array_to_image(values, "32FC1")
+    metres = depth_image_to_metres(msg)
+    assert metres.dtype == np.float32
+    np.testing.assert_array_equal(metres, np.array([[2.5] + [np.nan] * 2, [np.nan] * 3], np.float32))
+    np.testing.assert_array_equal(image_to_array(msg), values)  # the message is left as it was
+
+
+def test_depth_refuses_other_encodings():
+    msg = array_to_image(random_array("rgb8", np.random.default_rng(8)), "rgb8")
+    with pytest.raises(ImageConversionError,
+                       match=r"^unsupported encoding 'rgb8' for a depth image \(supported: 16UC1, mono16, 32FC1\)$"):
+        depth_image_to_metres(msg)
+
+
+# -- masks and stamps -----------------------------------------------------------------------------
+def test_mask_to_image():
+    mask = np.zeros((H, W), bool)
+    mask[3:9, 5:20] = True
+    msg = mask_to_image(mask, header())
+    assert (msg.encoding, msg.height, msg.width, msg.step) == ("mono8", H, W, W)
+    assert msg.header == header()
+    pixels = image_to_array(msg)
+    assert set(np.unique(pixels)) == {0, 255}
+    np.testing.assert_array_equal(pixels == 255, mask)
+    np.testing.assert_array_equal(image_to_array(mask_to_image(mask.astype(np.uint8))), pixels)
+    with pytest.raises(ImageConversionError, match=r"mask must be a 2-D \(H, W\) array, got shape \(32, 40, 1\)"):
+        mask_to_image(mask[:, :, None], header())
+
+
+def test_stamps():
+    a = Time(sec=1_700_000_000, nanosec=900_000_000)
+    b = Time(sec=1_700_000_002, nanosec=100_000_001)
+    assert stamp_to_seconds(a) == pytest.approx(1_700_000_000.9, abs=1e-6)
+    assert seconds_between(a, b) == pytest.approx(1.200000001, abs=1e-12)  # exact at 1 ns
+    assert seconds_between(b, a) == pytest.approx(-1.200000001, abs=1e-12)
+    assert seconds_between(a, a) == 0.0
+
+
+# -- quaternions ----------------------------------------------------------------------------------
+def rotation_of(q):
+    """Rotation matrix of a unit quaternion (x, y, z, w), written independently of the module."""
+    x, y, z, w = q
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def random_rotation(rng):
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    return q if np.linalg.det(q) > 0 else -q
+
+
+def check_frame(x_axis, z_axis):
+    q = quaternion_from_axes(x_axis, z_axis)
+    assert q.shape == (4,) and abs(np.linalg.norm(q) - 1) < 1e-12 and q[3] >= 0
+    rotation = rotation_of(q)
+    np.testing.assert_allclose(rotation @ [1, 0, 0], x_axis, atol=1e-6)
+    np.testing.assert_allclose(rotation @ [0, 0, 1], z_axis, atol=1e-6)
+    np.testing.assert_allclose(rotation @ [0, 1, 0], np.cross(z_axis, x_axis), atol=1e-6)
+
+
+def test_quaternion_from_axes_random_frames():
+    rng = np.random.default_rng(9)
+    for _ in range(50):
+        frame = random_rotation(rng)
+        check_frame(frame[:, 0], frame[:, 2])
+
+
+@pytest.mark.parametrize("x_axis, z_axis", [
+    ([1, 0, 0], [0, 0, 1]),  # identity (the w branch)
+    ([1, 0, 0], [0, 0, -1]),  # 180 deg about x (trace -1: the x branch)
+    ([-1, 0, 0], [0, 0, -1]),  # 180 deg about y (the y branch)
+    ([-1, 0, 0], [0, 0, 1]),  # 180 deg about z (the z branch)
+    ([0, 1, 0], [0, 0, -1]),  # 180 deg about (1, 1, 0) / sqrt 2
+    ([-1, 0, 0], [0, 1, 0]),  # 180 deg about (0, 1, 1) / sqrt 2
+    ([1, 0, 0], [0, -1, 0]),  # 90 deg about x
+    ([0, 1, 0], [0, 0, 1]),  # 90 deg about z
+    ([0, -1, 0], [1, 0, 0]),
+])
+def test_quaternion_from_axes_special_frames(x_axis, z_axis):
+    check_frame(np.array(x_axis, float), np.array(z_axis, float))
+    q = quaternion_from_axes(x_axis, z_axis)
+    if x_axis == [1, 0, 0] and z_axis == [0, 0, 1]:
+        np.testing.assert_allclose(q, [0, 0, 0, 1])
+
+
+def test_quaternion_from_axes_orthogonalises_and_refuses_degenerate_axes():
+    # x slightly off-perpendicular and not unit length: z is kept, x is made orthogonal to it.
+    q = quaternion_from_axes([2.0, 0.0, 0.01], [0, 0, 3.0])
+    np.testing.assert_allclose(rotation_of(q), np.eye(3), atol=1e-12)
+    with pytest.raises(ValueError, match="parallel"):
+        quaternion_from_axes([0, 0, 2], [0, 0, 1])
+    with pytest.raises(ValueError, match="non-zero"):
+        quaternion_from_axes([0, 0, 0], [0, 0, 1])
+
+
+# -- SegmentationResult -> Segmentation -----------------------------------------------------------
+@dataclasses.dataclass
+class FakeGraspCandidate:
+    """The fields of lens_ros.grasp.GraspCandidate, as the conversion reads them."""
+
+    center_px: tuple = (12.5, 20.25)
+    angle_rad: float = 0.75
+    width_px: float = 18.0
+    length_px: float = 6.5
+    quality: float = 0.8
+    has_3d: bool = True
+    position_m: tuple | None = (0.1, -0.05, 0.62)
+    closing_axis: np.ndarray | None = None
+    approach_axis: np.ndarray | None = None
+    width_m: float = 0.045
+    reason: str = ""
+
+
+def segmentation_result(found=True, grasps=()):
+    mask = np.zeros((H, W), bool)
+    if found:
+        mask[4:10, 8:30] = True
+    timings = StageTimings(**{f.name: 1.5 * (i + 1) for i, f in enumerate(dataclasses.fields(StageTimings))})
+    return SegmentationResult(command="the red mug", image_size=(H, W), reasoning="The mug is red.",
+                              found=found, box=(8.0, 4.0, 29.5, 9.25) if found else None,
+                              score=0.875 if found else 0.0, mask=mask, grasps=list(grasps), timings=timings,
+                              generated_tokens=17, model="tiny", error="")
+
+
+def test_result_to_segmentation_field_by_field():
+    rng = np.random.default_rng(10)
+    frame = random_rotation(rng)
+    grasp = FakeGraspCandidate(closing_axis=frame[:, 0], approach_axis=frame[:, 2])
+    flat = FakeGraspCandidate(has_3d=False, position_m=None, width_m=None, quality=0.2, reason="no depth")
+    result = segmentation_result(grasps=[grasp, flat])
+    msg = result_to_segmentation(result, header(), 42)
+
+    assert isinstance(msg, Segmentation)
+    assert msg.header == header() and msg.request_id == 42
+    assert (msg.command, msg.reasoning, msg.found) == ("the red mug", "The mug is red.", True)
+    np.testing.assert_array_equal(msg.box, np.array(result.box, np.float32))
+    assert msg.score == pytest.approx(0.875)
+    assert (msg.generated_tokens, msg.model, msg.error) == (17, "tiny", "")
+    assert msg.mask.header == header() and msg.mask.encoding == "mono8"
+    np.testing.assert_array_equal(image_to_array(msg.mask) == 255, result.mask)
+    for stage in dataclasses.fields(StageTimings):
+        assert getattr(msg, f"latency_{stage.name}") == pytest.approx(getattr(result.timings, stage.name))
+
+    assert len(msg.grasps) == 2 and all(isinstance(g, GraspRegion) for g in msg.grasps)
+    region = msg.grasps[0]
+    assert (region.center_u, region.center_v) == (12.5, 20.25)
+    assert region.angle == pytest.approx(0.75) and region.quality == pytest.approx(0.8)
+    assert (region.width_px, region.length_px) == (18.0, 6.5)
+    assert region.has_3d and region.width_m == pytest.approx(0.045) and region.reason == ""
+    p, o = region.pose.position, region.pose.orientation
+    np.testing.assert_allclose([p.x, p.y, p.z], [0.1, -0.05, 0.62])
+    rotation = rotation_of([o.x, o.y, o.z, o.w])
+    np.testing.assert_allclose(rotation @ [1, 0, 0], grasp.closing_axis, atol=1e-6)
+    np.testing.assert_allclose(rotation @ [0, 0, 1], grasp.approach_axis, atol=1e-6)
+    two_d = msg.grasps[1]
+    assert not two_d.has_3d and two_d.reason == "no depth" and two_d.width_m == 0.0
+    assert two_d.quality == pytest.approx(0.2)
+    assert (two_d.pose.orientation.w, two_d.pose.position.z) == (1.0, 0.0)  # the default pose
+
+    # What a subscriber receives is the same message (float32 fields come back rounded).
+    received = deserialize_message(serialize_message(msg), Segmentation)
+    assert (received.header, received.request_id, received.command) == (msg.header, 42, msg.command)
+    assert received.mask == msg.mask
+    assert [g.pose for g in received.grasps] == [g.pose for g in msg.grasps]
+    assert received.grasps[1].reason == "no depth"
+    np.testing.assert_array_equal(received.box, msg.box)
+    assert received.latency_total_ms == pytest.approx(result.timings.total_ms)
+
+
+def test_result_to_segmentation_not_found_and_failures():
+    msg = result_to_segmentation(segmentation_result(found=False), header(), 0)
+    assert not msg.found and msg.request_id == 0 and list(msg.grasps) == []
+    np.testing.assert_array_equal(msg.box, np.zeros(4, np.float32))
+    assert (msg.mask.height, msg.mask.width) == (H, W) and not image_to_array(msg.mask).any()
+
+    failure = SegmentationResult.failure("grab it", "image is empty (0x0)", model="tiny")
+    msg = result_to_segmentation(failure, header(), 7)
+    assert msg.error == "image is empty (0x0)" and msg.command == "grab it"
+    assert (msg.mask.width, msg.mask.height, len(msg.mask.data)) == (0, 0, 0)
+    assert msg.mask.header == header()
+
+    no_mask = dataclasses.replace(segmentation_result(found=False), mask=None)
+    msg = result_to_segmentation(no_mask, header(), 8)
+    assert (msg.mask.width, msg.mask.height) == (0, 0) and msg.mask.header == header()
+
+
+def test_result_to_segmentation_refuses_unknown_grasps_and_negative_ids():
+    with pytest.raises(TypeError, match="lacks the GraspCandidate fields .*closing_axis"):
+        result_to_segmentation(segmentation_result(grasps=[object()]), header(), 1)
+    with pytest.raises(ValueError, match="request_id"):
+        result_to_segmentation(segmentation_result(), header(), -1)
+
+
+def test_every_latency_field_comes_from_stage_timings():
+    latency_fields = {name for name in Segmentation.get_fields_and_field_types() if name.startswith("latency_")}
+    assert latency_fields == {f"latency_{f.name}" for f in dataclasses.fields(StageTimings)}
+
+
+def test_header_is_copied_not_shared():
+    stamp = header()
+    msg = result_to_segmentation(segmentation_result(), stamp, 1)
+    stamp.frame_id = "changed"
+    assert msg.header.frame_id == msg.mask.header.frame_id == "camera_color_optical_frame"
