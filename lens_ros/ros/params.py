@@ -1,0 +1,150 @@
+"""The node's parameters: one dataclass, mapped one to one onto ROS parameters and config/lens.yaml.
+
+Pure Python (no rclpy) so that defaults and validation are tested without ROS. Every field's
+docstring becomes the ROS parameter description.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from dataclasses import dataclass, fields
+
+from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
+from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
+
+IMAGE_QOS = ("sensor_data", "reliable")
+BUSY_POLICIES = ("queue_latest", "reject")
+FRAME_POLICIES = ("newest", "next")
+
+
+@dataclass
+class NodeConfig:
+    """Parameters of lens_node."""
+
+    model: str = DEFAULT_MODEL
+    """Model: a Hugging Face id (OuyBin/LENS, ...), a checkpoint directory, or 'tiny' (random, for tests)."""
+    allow_download: bool = False
+    """Fetch the model from the Hugging Face hub when it is not in the local cache (off: never touch the network)."""
+    device: str = "auto"
+    """Torch device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16' or 'float16'."""
+    cot: bool = False
+    """Chain-of-thought prompt (for OuyBin/LENS_ReasonSeg_CoT)."""
+    max_new_tokens: int = 256
+    """Upper bound on generated reasoning tokens."""
+    max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS
+    """Longer commands are answered with an error."""
+    image_qos: str = "sensor_data"
+    """QoS of the image, depth and camera_info subscriptions: 'sensor_data' (best effort) or 'reliable'."""
+    max_image_age_s: float = 1.0
+    """A command is refused when the newest frame is older than this (seconds, by header stamp)."""
+    image_wait_s: float = 2.0
+    """How long a command waits for a frame when none (or, with frame_policy 'next', no new one) has arrived."""
+    sync_tolerance_s: float = 0.05
+    """Depth and camera_info match the colour image when their stamps differ by at most this (seconds)."""
+    frame_policy: str = "newest"
+    """Which frame answers a command: 'newest' (the newest at command time) or 'next' (the first after it)."""
+    busy_policy: str = "queue_latest"
+    """A command arriving while one runs: 'queue_latest' (keep the newest pending, answer older ones with an
+    error) or 'reject' (answer it at once with an error)."""
+    publish_overlay: bool = False
+    """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
+    diagnostics_period_s: float = 1.0
+    """Period of the /diagnostics status."""
+    autostart: bool = True
+    """Configure and activate at start; false: wait for lifecycle transitions."""
+
+    # Parameters that may change while active (the rest need a deactivate/cleanup cycle).
+    LIVE = ("cot", "max_new_tokens", "max_command_chars", "max_image_age_s", "image_wait_s", "sync_tolerance_s",
+            "frame_policy", "busy_policy", "publish_overlay")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid parameter."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = _TYPES[f.name]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, f.name, float(value))
+                continue
+            if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+                raise ValueError(f"parameter {f.name!r} must be {expected.__name__}, got {value!r}")
+        _one_of("image_qos", self.image_qos, IMAGE_QOS)
+        _one_of("busy_policy", self.busy_policy, BUSY_POLICIES)
+        _one_of("frame_policy", self.frame_policy, FRAME_POLICIES)
+        _one_of("dtype", self.dtype, ("auto", *DTYPES))
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not self.model.strip():
+            raise ValueError("parameter 'model' is empty")
+        for name in ("max_new_tokens", "max_command_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_image_age_s", "image_wait_s", "diagnostics_period_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"parameter {name!r} must be positive, got {getattr(self, name)}")
+        if not self.sync_tolerance_s >= 0:
+            raise ValueError(f"parameter 'sync_tolerance_s' must be >= 0, got {self.sync_tolerance_s}")
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def pipeline_config(self):
+        from lens_ros.pipeline import PipelineConfig
+
+        device = self.resolved_device()
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+        return PipelineConfig(model=self.model, device=device, dtype=dtype, allow_download=self.allow_download,
+                              cot=self.cot, max_new_tokens=self.max_new_tokens,
+                              max_command_chars=self.max_command_chars)
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"parameter {name!r} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+_TYPES = {"str": str, "bool": bool, "int": int, "float": float}
+_TYPES = {f.name: _TYPES[f.type] for f in fields(NodeConfig)}
+
+
+def parameter_descriptions() -> dict[str, str]:
+    """Each field's docstring (the string literal under it in the class body)."""
+    tree = ast.parse(inspect.getsource(NodeConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr) \
+                and isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def render_params_yaml(node_name: str = "/**") -> str:
+    """config/lens.yaml: every parameter with its default and description (regenerate with
+    ``python -m lens_ros.ros.params > config/lens.yaml``; a test keeps the two equal)."""
+    import json
+    import textwrap
+
+    docs = parameter_descriptions()
+    lines = ["# lens_node parameters, with their defaults (for any namespace). Generated from lens_ros/ros/params.py (NodeConfig):",
+             "#   python -m lens_ros.ros.params > config/lens.yaml",
+             "# Use with: ros2 launch lens_ros lens.launch.py params_file:=<copy of this file>",
+             f"{node_name}:", "  ros__parameters:"]
+    for f in fields(NodeConfig):
+        for line in textwrap.wrap(docs[f.name], 96):
+            lines.append(f"    # {line}")
+        lines.append(f"    {f.name}: {json.dumps(f.default)}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(render_params_yaml(), end="")

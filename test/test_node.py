@@ -1,0 +1,315 @@
+"""lens_node in its own process, over real DDS, against a test node on the other side.
+
+The node runs the tiny random model: found is usually false, but every code path of the node
+(frames, scheduling, errors, actions, lifecycle) is the real one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
+
+rclpy = pytest.importorskip("rclpy")
+from rclpy.action import ActionClient  # noqa: E402
+from rclpy.duration import Duration  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+
+from lens_ros.action import Segment  # noqa: E402
+from lens_ros.msg import Segmentation  # noqa: E402
+
+NODE_PARAMS = {"max_new_tokens": 8, "device": "cpu", "image_wait_s": 1.0, "max_image_age_s": 2.0,
+               "diagnostics_period_s": 0.2}
+
+
+class Harness:
+    """One node process + one peer with publishers and recorders in the node's namespace."""
+
+    def __init__(self, tiny_checkpoint, namespace, **params):
+        from sensor_msgs.msg import Image
+        from std_msgs.msg import String
+
+        self.namespace = namespace
+        self.node = NodeProcess({"model": str(tiny_checkpoint), **NODE_PARAMS, **params},
+                                name="lens_node", namespace=namespace)
+        self.peer = Peer()
+        n = self.peer.node
+        self.image_pub = n.create_publisher(Image, f"{namespace}/image", qos_profile_sensor_data)
+        self.depth_pub = n.create_publisher(Image, f"{namespace}/depth", qos_profile_sensor_data)
+        self.command_pub = n.create_publisher(String, f"{namespace}/command", 10)
+        self.segmentations = self.peer.subscribe(Segmentation, f"{namespace}/segmentation")
+        self.masks = self.peer.subscribe(Image, f"{namespace}/mask")
+        self.state = diagnostics_watch(self.peer, f"{namespace}/lens_node")
+        self.rgb = np.ascontiguousarray((np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8))
+
+    def wait_state(self, state, timeout=120.0):
+        assert self.peer.wait_for(lambda: (self.state() or {}).get("state") == state, timeout), (
+            f"node never reached {state}; log:\n{self.node.output()[-3000:]}")
+
+    def send_image(self, rgb=None, stamp=None, encoding="rgb8", **fields):
+        msg = image_msg(self.rgb if rgb is None else rgb, (stamp or self.peer.now()).to_msg(), encoding)
+        for key, value in fields.items():
+            setattr(msg, key, value)
+        self.image_pub.publish(msg)
+        return msg
+
+    def command(self, text, timeout=60.0) -> Segmentation:
+        from std_msgs.msg import String
+
+        count = len(self.segmentations)
+        self.peer.wait_matched(self.command_pub)
+        self.command_pub.publish(String(data=text))
+        assert self.peer.wait_for(lambda: len(self.segmentations) > count, timeout), (
+            f"no answer to {text[:40]!r}; log:\n{self.node.output()[-3000:]}")
+        return self.segmentations[count]
+
+    def fresh_frame(self):
+        """Publish frames until the node has surely received one (best-effort QoS may drop some)."""
+        self.peer.wait_matched(self.image_pub)
+        for _ in range(3):
+            self.send_image()
+            time.sleep(0.05)
+
+    def close(self):
+        self.peer.close()
+        code = self.node.stop()
+        assert code == 0, self.node.output()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def lens(tiny_checkpoint):
+    harness = Harness(tiny_checkpoint, "/cam_a")
+    harness.wait_state("active")
+    yield harness
+    harness.close()
+
+
+def test_a_command_before_any_image_is_answered_with_an_error(lens):
+    answer = lens.command("the cup")
+    assert answer.error == "no image received on '/cam_a/image' within 1 s"
+    assert not answer.found and answer.request_id >= 1
+
+
+def test_command_with_images_streaming_gives_one_segmentation(lens):
+    lens.peer.wait_matched(lens.image_pub)
+    answers_before = len(lens.segmentations)
+    stamps = set()
+    for _ in range(5):
+        msg = lens.send_image()
+        stamps.add((msg.header.stamp.sec, msg.header.stamp.nanosec))
+        time.sleep(0.02)
+    answer = lens.command("the red mug")
+    assert answer.error == "", answer.error
+    assert (answer.header.stamp.sec, answer.header.stamp.nanosec) in stamps
+    assert answer.header.frame_id == "camera_optical"
+    assert (answer.mask.height, answer.mask.width, answer.mask.encoding) == (120, 160, "mono8")
+    mask = np.frombuffer(bytes(answer.mask.data), np.uint8).reshape(120, 160)
+    assert set(np.unique(mask)) <= {0, 255}
+    if answer.found:
+        x1, y1, x2, y2 = answer.box
+        assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
+    else:
+        assert list(answer.box) == [0, 0, 0, 0] and not mask.any()
+    assert answer.latency_total_ms > 0 and answer.latency_reasoning_ms > 0 and answer.model
+    # The mask topic carries the same mask with the same header.
+    assert lens.peer.wait_for(lambda: any(m.header.stamp == answer.header.stamp for m in lens.masks), 10)
+    published = next(m for m in lens.masks if m.header.stamp == answer.header.stamp)
+    assert bytes(published.data) == bytes(answer.mask.data)
+    lens.fresh_frame()
+    again = lens.command("the red mug")
+    assert again.request_id > answer.request_id
+    assert len(lens.segmentations) == answers_before + 2  # exactly one answer per command
+
+
+@pytest.mark.parametrize("bad, error", [
+    (dict(encoding="yuv422"), "unsupported encoding 'yuv422'"),
+    (dict(step=100), "step 100"),
+    (dict(data=b"\x00" * 1000), "data has 1000 bytes"),
+    (dict(width=0, height=0, step=0, data=b""), "empty"),
+    (dict(width=10, height=10, step=30, data=b"\x00" * 300), "both sides must be at least 28 px"),
+])
+def test_bad_images_are_answered_with_an_error_and_the_node_keeps_serving(lens, bad, error):
+    lens.peer.wait_matched(lens.image_pub)
+    for _ in range(3):
+        lens.send_image(**bad)
+        time.sleep(0.05)
+    answer = lens.command("the cup")
+    assert error in answer.error
+    lens.fresh_frame()
+    assert lens.command("the cup").error == ""
+
+
+@pytest.mark.parametrize("command, error", [
+    ("", "command is empty"), ("   ", "command is only whitespace"),
+    ("x" * 10_000, "command is 10000 characters long; the limit is 512"),
+])
+def test_bad_commands_are_answered_with_an_error(lens, command, error):
+    lens.fresh_frame()
+    assert lens.command(command).error == error
+    assert lens.command("the cup").error == ""
+
+
+def test_a_stale_image_is_refused(lens):
+    lens.peer.wait_matched(lens.image_pub)
+    for _ in range(3):
+        lens.send_image(stamp=lens.peer.now() - Duration(seconds=10))
+        time.sleep(0.05)
+    answer = lens.command("the cup")
+    assert "s old (max_image_age_s 2)" in answer.error
+    lens.fresh_frame()
+    assert lens.command("the cup").error == ""
+
+
+def test_depth_of_the_wrong_size_is_refused(lens):
+    lens.peer.wait_matched(lens.image_pub)
+    lens.peer.wait_matched(lens.depth_pub)
+    for _ in range(3):
+        stamp = lens.peer.now()
+        depth = np.full((60, 80), 1000, np.uint16)
+        lens.depth_pub.publish(image_msg(depth, stamp.to_msg(), "16UC1"))
+        lens.send_image(stamp=stamp)
+        time.sleep(0.05)
+    answer = lens.command("the cup")
+    assert "depth image is 80x60 but the colour image is 160x120" in answer.error
+    time.sleep(0.2)  # let the buffered depth fall out of the sync window
+    lens.fresh_frame()
+    assert lens.command("the cup").error == ""
+
+
+def test_100_images_at_100_hz_while_commands_run(lens):
+    from std_msgs.msg import String
+
+    lens.peer.wait_matched(lens.image_pub)
+    lens.fresh_frame()
+    lens.command("warm up")
+    rss_before = lens.node.rss_mb()
+    count = len(lens.segmentations)
+    published = {}
+    start = time.monotonic()
+    for i in range(100):
+        msg = lens.send_image()
+        published[(msg.header.stamp.sec, msg.header.stamp.nanosec)] = time.monotonic()
+        if i in (10, 50):
+            lens.command_pub.publish(String(data="the cup"))
+        time.sleep(max(0.0, start + (i + 1) * 0.01 - time.monotonic()))
+    assert lens.peer.wait_for(lambda: len(lens.segmentations) >= count + 2, 60)
+    time.sleep(0.5)
+    answers = lens.segmentations[count:]
+    assert len(answers) == 2  # no backlog: one answer per command, nothing queued per frame
+    for answer in answers:
+        assert answer.error == "", answer.error
+        key = (answer.header.stamp.sec, answer.header.stamp.nanosec)
+        assert key in published
+    # The answer right after the stream uses a frame from the end of it, not a backlog.
+    late = lens.command("the cup")
+    assert late.error == ""
+    assert (late.header.stamp.sec, late.header.stamp.nanosec) == max(published)
+    assert lens.node.rss_mb() - rss_before < 100
+
+
+def test_the_action_with_and_without_an_image(lens):
+    client = ActionClient(lens.peer.node, Segment, "/cam_a/segment")
+    assert client.wait_for_server(timeout_sec=30)
+    lens.fresh_frame()
+    feedback = []
+    future = client.send_goal_async(Segment.Goal(command="the cup"), feedback_callback=lambda f: feedback.append(
+        f.feedback.stage))
+    assert lens.peer.wait_for(future.done, 30) and future.result().accepted
+    result_future = future.result().get_result_async()
+    assert lens.peer.wait_for(result_future.done, 60)
+    result = result_future.result().result.segmentation
+    assert result.error == "" and (result.mask.height, result.mask.width) == (120, 160)
+    assert "reasoning" in feedback
+
+    own = np.zeros((64, 96, 3), np.uint8)
+    goal = Segment.Goal(command="the cup", image=image_msg(own, lens.peer.now().to_msg()))
+    future = client.send_goal_async(goal)
+    assert lens.peer.wait_for(future.done, 30)
+    result_future = future.result().get_result_async()
+    assert lens.peer.wait_for(result_future.done, 60)
+    result = result_future.result().result.segmentation
+    assert result.error == "" and (result.mask.height, result.mask.width) == (64, 96)
+    client.destroy()
+
+
+def test_a_cancelled_goal_ends_cancelled(tiny_checkpoint):
+    from action_msgs.msg import GoalStatus
+
+    # frame_policy 'next' with no camera: the goal waits for a frame until it is cancelled.
+    harness = Harness(tiny_checkpoint, "/cam_c", frame_policy="next", image_wait_s=60.0)
+    try:
+        harness.wait_state("active")
+        client = ActionClient(harness.peer.node, Segment, "/cam_c/segment")
+        assert client.wait_for_server(timeout_sec=30)
+        future = client.send_goal_async(Segment.Goal(command="the cup"))
+        assert harness.peer.wait_for(future.done, 30) and future.result().accepted
+        handle = future.result()
+        time.sleep(0.3)
+        cancel = handle.cancel_goal_async()
+        assert harness.peer.wait_for(cancel.done, 30)
+        result_future = handle.get_result_async()
+        assert harness.peer.wait_for(result_future.done, 30)
+        assert result_future.result().status == GoalStatus.STATUS_CANCELED
+        assert result_future.result().result.segmentation.error == "cancelled"
+        client.destroy()
+    finally:
+        harness.close()
+
+
+def test_lifecycle_autostart_false_then_configure_activate_deactivate(tiny_checkpoint):
+    from lifecycle_msgs.msg import Transition
+    from lifecycle_msgs.srv import ChangeState
+    from std_msgs.msg import String
+
+    harness = Harness(tiny_checkpoint, "/cam_l", autostart=False)
+    try:
+        peer = harness.peer
+        change = peer.node.create_client(ChangeState, "/cam_l/lens_node/change_state")
+        assert change.wait_for_service(timeout_sec=60), harness.node.output()
+
+        def transition(transition_id):
+            future = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
+            assert peer.wait_for(future.done, 120), harness.node.output()[-2000:]
+            assert future.result().success, harness.node.output()[-2000:]
+
+        # Unconfigured: no subscriptions yet, nothing published.
+        harness.send_image()
+        harness.command_pub.publish(String(data="the cup"))
+        time.sleep(1.0)
+        assert harness.segmentations == []
+        transition(Transition.TRANSITION_CONFIGURE)
+        harness.wait_state("inactive")
+        assert harness.state()["model_loaded"] == "False"
+        harness.peer.wait_matched(harness.command_pub)
+        harness.command_pub.publish(String(data="the cup"))
+        time.sleep(1.0)
+        assert harness.segmentations == []  # inactive: nothing is published
+        transition(Transition.TRANSITION_ACTIVATE)
+        harness.wait_state("active")
+        assert harness.state()["model_loaded"] == "True"
+        harness.fresh_frame()
+        assert harness.command("the cup").error == ""
+        transition(Transition.TRANSITION_DEACTIVATE)
+        harness.wait_state("inactive")
+        assert harness.state()["model_loaded"] == "False"  # deactivate frees the model
+        transition(Transition.TRANSITION_ACTIVATE)
+        harness.wait_state("active")
+        harness.fresh_frame()
+        assert harness.command("the cup").error == ""
+    finally:
+        harness.close()
+
+
+def test_an_invalid_parameter_fails_configure_with_its_name(tiny_checkpoint):
+    node = NodeProcess({"model": str(tiny_checkpoint), "busy_policy": "drop_everything"}, namespace="/cam_p")
+    try:
+        deadline = time.monotonic() + 60
+        while "configure failed" not in node.output() and time.monotonic() < deadline and node.alive():
+            time.sleep(0.1)
+        assert "configure failed: parameter 'busy_policy' must be one of queue_latest, reject" in node.output()
+        assert node.alive()  # stays up, unconfigured, ready for a corrected configure
+    finally:
+        assert node.stop() == 0, node.output()

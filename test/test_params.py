@@ -1,0 +1,84 @@
+"""NodeConfig (the node's parameters), config/lens.yaml and the launch file."""
+
+import ast
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lens_ros.ros.params import NodeConfig, parameter_descriptions, render_params_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_valid_and_every_parameter_is_documented():
+    config = NodeConfig()
+    docs = parameter_descriptions()
+    assert set(docs) == {f.name for f in fields(NodeConfig)}
+    assert all(len(text) > 10 for text in docs.values())
+    assert set(NodeConfig.LIVE) < set(docs)
+    assert config.pipeline_config().device in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("busy_policy", "drop", "parameter 'busy_policy' must be one of queue_latest, reject"),
+    ("image_qos", "fast", "parameter 'image_qos' must be one of sensor_data, reliable"),
+    ("frame_policy", "oldest", "parameter 'frame_policy' must be one of newest, next"),
+    ("dtype", "float64", "parameter 'dtype' must be one of auto, float32"),
+    ("device", "tpu", "parameter 'device' must be auto, cpu, cuda or cuda:N"),
+    ("max_new_tokens", 0, "parameter 'max_new_tokens' must be at least 1"),
+    ("max_new_tokens", 2.5, "parameter 'max_new_tokens' must be int"),
+    ("max_image_age_s", -1.0, "parameter 'max_image_age_s' must be positive"),
+    ("max_image_age_s", "1", "parameter 'max_image_age_s' must be float"),
+    ("sync_tolerance_s", -0.1, "parameter 'sync_tolerance_s' must be >= 0"),
+    ("publish_overlay", 1, "parameter 'publish_overlay' must be bool"),
+    ("model", " ", "parameter 'model' is empty"),
+])
+def test_invalid_values_name_the_parameter(name, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        NodeConfig(**{name: value})
+
+
+def test_integers_are_accepted_for_seconds():
+    config = NodeConfig(max_image_age_s=3)
+    assert config.max_image_age_s == 3.0 and isinstance(config.max_image_age_s, float)
+
+
+def test_pipeline_options_follow_the_parameters():
+    options = NodeConfig(device="cpu", dtype="auto", cot=True, max_new_tokens=9, model="tiny").pipeline_config()
+    assert (options.device, options.dtype, options.cot, options.max_new_tokens, options.model) == (
+        "cpu", "float32", True, 9, "tiny")
+
+
+def test_config_yaml_is_the_rendered_defaults():
+    text = (ROOT / "config" / "lens.yaml").read_text()
+    assert text == render_params_yaml(), "regenerate: python -m lens_ros.ros.params > config/lens.yaml"
+    values = yaml.safe_load(text)["/**"]["ros__parameters"]
+    assert values == {f.name: f.default for f in fields(NodeConfig)}
+
+
+def test_launch_file_names_only_things_that_exist():
+    source = (ROOT / "launch" / "lens.launch.py").read_text()
+    tree = ast.parse(source)  # compiles
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert {"lens_ros", "lens_node", "config", "lens.yaml"} <= strings
+    assert (ROOT / "config" / "lens.yaml").is_file()
+    assert "lens_node" in (ROOT / "CMakeLists.txt").read_text() and (ROOT / "scripts" / "lens_node").is_file()
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Node"]
+    assert len(calls) == 1
+    keywords = {k.arg: k.value for k in calls[0].keywords}
+    parameter_names = {k.value for d in ast.walk(keywords["parameters"]) if isinstance(d, ast.Dict) for k in d.keys}
+    assert parameter_names <= {f.name for f in fields(NodeConfig)}
+    remapped = {t.elts[0].value for t in keywords["remappings"].elts}
+    from lens_ros.ros import node  # the node's own topic names
+
+    assert remapped <= {node.IMAGE_TOPIC, node.DEPTH_TOPIC, node.CAMERA_INFO_TOPIC, node.COMMAND_TOPIC}
+
+
+def test_readme_lists_every_parameter_with_its_default():
+    import json
+
+    readme = (ROOT / "README.md").read_text()
+    for f in fields(NodeConfig):
+        assert f"| `{f.name}` | `{json.dumps(f.default)}` |" in readme, f.name
