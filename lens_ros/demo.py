@@ -1,40 +1,68 @@
-"""``make demo``: segment the shipped photo with LENS, or with the tiny model when LENS cannot be had.
+"""``make demo``: the whole ROS path on a real photo.
 
-    python -m lens_ros.demo [--model M] [--command TEXT] [--out DIR] [--device D]
+Starts ``lens-node``, publishes the shipped photo as a 10 Hz camera stream with camera_info,
+sends a language goal on ``command``, waits for the ``Segmentation``, writes ``overlay.png``,
+``mask.png`` and ``result.json``, prints the latency and stops everything.
 
-Without ``--model`` (or ``MODEL=...`` in make) it tries ``OuyBin/LENS`` (the local Hugging Face
-cache, then a download unless ``HF_HUB_OFFLINE=1``); when that fails it says why and runs the
-tiny random model instead, whose masks are meaningless.
+    python -m lens_ros.demo [--model M] [--command TEXT] [--image PATH] [--device D] [--out DIR]
+
+Without ``--model`` (``MODEL=...`` in make) it uses ``OuyBin/LENS`` when it can be loaded (the local
+Hugging Face cache, or a download unless ``HF_HUB_OFFLINE=1``); otherwise it says why and runs
+the tiny random model, whose masks are meaningless.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
-
-from lens_ros.cli import read_image, summary_line, write_outputs
-from lens_ros.images import to_rgb8
 
 PHOTO = Path(__file__).resolve().parent / "data" / "coffee.jpg"
 DEFAULT_COMMAND = "the coffee cup"
+NAMESPACE = "/lens_demo"
 
 
-def load_pipeline(model: str | None, device: str, dtype: str, offline: bool):
-    from lens_ros.model.checkpoint import DEFAULT_MODEL, TINY_MODEL, ModelUnavailableError
-    from lens_ros.pipeline import LensPipeline, PipelineConfig
+def choose_model(model: str | None, offline: bool) -> str:
+    from lens_ros.model.checkpoint import DEFAULT_MODEL, TINY_MODEL, ModelUnavailableError, resolve_model_source
 
     if model:
-        return LensPipeline.from_config(PipelineConfig(model=model, device=device, dtype=dtype,
-                                                       allow_download=not offline)), model
+        return model
     try:
-        config = PipelineConfig(model=DEFAULT_MODEL, device=device, dtype=dtype, allow_download=not offline)
-        return LensPipeline.from_config(config), DEFAULT_MODEL
+        resolve_model_source(DEFAULT_MODEL, allow_download=not offline)
+        return DEFAULT_MODEL
     except ModelUnavailableError as exc:
         print(f"LENS weights unavailable: {exc}")
         print("Running the TINY RANDOM model instead: the pipeline is real, its masks and boxes are meaningless.")
-        return LensPipeline.from_config(PipelineConfig(model=TINY_MODEL, device="cpu", dtype="float32")), TINY_MODEL
+        resolve_model_source(TINY_MODEL)  # build the cached tiny checkpoint here, not inside the node
+        return TINY_MODEL
+
+
+def segmentation_to_dict(msg) -> dict:
+    return {
+        "request_id": msg.request_id, "command": msg.command, "reasoning": msg.reasoning, "found": msg.found,
+        "box": [float(v) for v in msg.box] if msg.found else None, "score": msg.score,
+        "stamp": {"sec": msg.header.stamp.sec, "nanosec": msg.header.stamp.nanosec},
+        "frame_id": msg.header.frame_id, "mask_size": [msg.mask.height, msg.mask.width],
+        "grasps": len(msg.grasps), "generated_tokens": msg.generated_tokens, "model": msg.model, "error": msg.error,
+        "latency_ms": {name[len("latency_"):]: getattr(msg, name)
+                       for name in msg.get_fields_and_field_types() if name.startswith("latency_")},
+    }
+
+
+def camera_info_for(width: int, height: int, header):
+    """A plausible pinhole camera_info for the photo (about 60 degrees horizontal field of view)."""
+    from sensor_msgs.msg import CameraInfo
+
+    f = width / (2 * 0.577)
+    info = CameraInfo(header=header, width=width, height=height, distortion_model="plumb_bob")
+    info.k = [f, 0.0, width / 2, 0.0, f, height / 2, 0.0, 0.0, 1.0]
+    info.p = [f, 0.0, width / 2, 0.0, 0.0, f, height / 2, 0.0, 0.0, 0.0, 1.0, 0.0]
+    info.r = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+    info.d = [0.0] * 5
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,33 +70,93 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=os.environ.get("MODEL") or None)
     parser.add_argument("--command", default=DEFAULT_COMMAND)
     parser.add_argument("--image", default=str(PHOTO))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the model and the answer")
     args = parser.parse_args(argv)
 
-    from lens_ros.model.checkpoint import CheckpointError, ModelUnavailableError
+    import cv2
+
+    from lens_ros.cli import read_image
+    from lens_ros.images import to_rgb8
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    try:
-        pipeline, model = load_pipeline(args.model, args.device, dtype, offline)
-    except (ModelUnavailableError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     image = read_image(args.image)
     rgb = to_rgb8(image, bgr=image.ndim == 3)
-    print(f"model {model} on {args.device}; image {args.image} ({rgb.shape[1]}x{rgb.shape[0]}); "
-          f"command {args.command!r}")
-    result = pipeline.segment(rgb, args.command)
+    model = choose_model(args.model, offline)
     out = Path(args.out)
-    write_outputs(out, rgb, result)
-    print(summary_line(result, out))
-    print(f"latency {result.timings.total_ms:.0f} ms; outputs: {out / 'overlay.png'}, {out / 'mask.png'}, "
-          f"{out / 'result.json'}")
-    if model == "tiny":
-        print("(tiny random model: the result above only shows that the pipeline runs end to end)")
-    return 0
+    out.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
+    os.environ.setdefault("ROS_LOG_DIR", str((out / "ros_log").resolve()))
+    print(f"model {model}; image {args.image} ({rgb.shape[1]}x{rgb.shape[0]}); command {args.command!r}")
+    return run_demo(model, args, rgb, out, cv2)
+
+
+def run_demo(model: str, args, rgb, out: Path, cv2) -> int:
+    from rclpy.qos import qos_profile_sensor_data
+    from sensor_msgs.msg import CameraInfo, Image
+    from std_msgs.msg import String
+
+    from lens_ros.msg import Segmentation
+    from lens_ros.ros.conversions import image_to_array
+    from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
+
+    node = NodeProcess({"model": model, "device": args.device, "publish_overlay": True,
+                        "allow_download": False}, namespace=NAMESPACE)
+    print(f"started lens-node (log: {node.log_path})")
+    peer = Peer()
+    try:
+        image_pub = peer.node.create_publisher(Image, f"{NAMESPACE}/image", qos_profile_sensor_data)
+        info_pub = peer.node.create_publisher(CameraInfo, f"{NAMESPACE}/camera_info", qos_profile_sensor_data)
+        command_pub = peer.node.create_publisher(String, f"{NAMESPACE}/command", 10)
+        answers = peer.subscribe(Segmentation, f"{NAMESPACE}/segmentation")
+        overlays = peer.subscribe(Image, f"{NAMESPACE}/overlay")
+        state = diagnostics_watch(peer, f"{NAMESPACE}/lens_node")
+
+        def publish_frame():
+            frame = image_msg(rgb, peer.now().to_msg(), frame_id="camera_color_optical_frame")
+            image_pub.publish(frame)
+            info_pub.publish(camera_info_for(rgb.shape[1], rgb.shape[0], frame.header))
+
+        camera = peer.node.create_timer(0.1, publish_frame)  # the camera stream, 10 Hz
+        print("waiting for the node to load the model ...")
+        if not peer.wait_for(lambda: (state() or {}).get("state") == "active" or not node.alive(), args.timeout) \
+                or not node.alive():
+            print(f"error: lens-node did not become active; its log:\n{node.output()[-3000:]}", file=sys.stderr)
+            return 1
+        peer.wait_matched(command_pub)
+        sent = time.monotonic()
+        command_pub.publish(String(data=args.command))
+        if not peer.wait_for(lambda: len(answers) > 0, args.timeout):
+            print("error: no Segmentation within the timeout", file=sys.stderr)
+            return 1
+        round_trip_ms = (time.monotonic() - sent) * 1000
+        answer = answers[0]
+        peer.wait_for(lambda: any(o.header.stamp == answer.header.stamp for o in overlays), 10)
+        camera.cancel()
+        overlay = next((o for o in overlays if o.header.stamp == answer.header.stamp), None)
+        if overlay is not None:
+            cv2.imwrite(str(out / "overlay.png"), cv2.cvtColor(image_to_array(overlay), cv2.COLOR_RGB2BGR))
+        if answer.mask.width:
+            cv2.imwrite(str(out / "mask.png"), image_to_array(answer.mask))
+        result = segmentation_to_dict(answer)
+        result["round_trip_ms"] = round_trip_ms
+        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        what = f"error: {answer.error}" if answer.error else (
+            f"found box=[{', '.join(f'{v:.0f}' for v in answer.box)}] score={answer.score:.2f}" if answer.found
+            else "not found")
+        print(f"Segmentation #{answer.request_id} for {answer.command!r}: {what}")
+        print(f"latency: {round_trip_ms:.0f} ms command -> Segmentation "
+              f"(model {answer.latency_total_ms:.0f} ms: reasoning {answer.latency_reasoning_ms:.0f} ms, "
+              f"mask {answer.latency_mask_ms:.0f} ms)")
+        print(f"outputs: {out / 'overlay.png'}, {out / 'mask.png'}, {out / 'result.json'}")
+        if model == "tiny":
+            print("(tiny random model: the result only shows the ROS path working end to end)")
+        return 1 if answer.error else 0
+    finally:
+        peer.close()
+        code = node.stop()
+        print(f"lens-node stopped (exit {code})")
 
 
 if __name__ == "__main__":
