@@ -313,3 +313,30 @@ def test_an_invalid_parameter_fails_configure_with_its_name(tiny_checkpoint):
         assert node.alive()  # stays up, unconfigured, ready for a corrected configure
     finally:
         assert node.stop() == 0, node.output()
+
+
+def _set_parameter(lens, name, value):
+    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
+    from rcl_interfaces.srv import SetParameters
+
+    client = lens.peer.node.create_client(SetParameters, "/cam_a/lens_node/set_parameters")
+    assert client.wait_for_service(timeout_sec=30)
+    kind = {int: ParameterType.PARAMETER_INTEGER, str: ParameterType.PARAMETER_STRING}[type(value)]
+    field = {int: "integer_value", str: "string_value"}[type(value)]
+    request = SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(type=kind, **{field: value}))])
+    future = client.call_async(request)
+    assert lens.peer.wait_for(future.done, 30)
+    lens.peer.node.destroy_client(client)
+    return future.result().results[0]
+
+
+def test_safe_parameters_change_live_and_the_others_are_refused(lens):
+    assert _set_parameter(lens, "max_new_tokens", 2).successful
+    lens.fresh_frame()
+    answer = lens.command("the cup")
+    assert answer.error == "" and 1 <= answer.generated_tokens <= 2
+    refused = _set_parameter(lens, "model", "OuyBin/LENS")
+    assert not refused.successful and "cannot change while active" in refused.reason
+    invalid = _set_parameter(lens, "busy_policy", "drop")
+    assert not invalid.successful and "parameter 'busy_policy' must be one of" in invalid.reason
+    assert _set_parameter(lens, "max_new_tokens", 8).successful
