@@ -16,14 +16,7 @@ import time
 
 import numpy as np
 
-
-def _median_ms(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+from lens_ros.bench import median_ms
 
 
 def frame_overhead(runs: int) -> None:
@@ -44,10 +37,10 @@ def frame_overhead(runs: int) -> None:
         rgb = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
         msg = array_to_image(rgb, "bgr8")
         mask = np.zeros((height, width), bool)
-        to_array = _median_ms(lambda: color_image_to_rgb(msg), runs)
-        to_msg = _median_ms(lambda: array_to_image(rgb, "rgb8"), runs)
-        mask_msg = _median_ms(lambda: mask_to_image(mask), runs)
-        publish = _median_ms(lambda: publisher.publish(msg), runs)
+        to_array = median_ms(lambda: color_image_to_rgb(msg), runs)
+        to_msg = median_ms(lambda: array_to_image(rgb, "rgb8"), runs)
+        mask_msg = median_ms(lambda: mask_to_image(mask), runs)
+        publish = median_ms(lambda: publisher.publish(msg), runs)
         total = to_array + to_msg + mask_msg + publish
         print(f"  {f'{width}x{height}':<10}{to_array:>12.2f}{to_msg:>12.2f}{mask_msg:>11.2f}{publish:>10.2f}{total:>9.2f}")
     node.destroy_node()
