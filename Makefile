@@ -2,7 +2,8 @@
 #   make venv     create/update .venv (quick when nothing changed)
 #   make test     run the test suite (real rclpy/DDS, tiny models, offline)
 #   make demo     run the demo (DEMO_ARGS="...")
-#   make bench    run the benchmarks (BENCH_ARGS="...")
+#   make bench    run the benchmarks (BENCH_ARGS="..." for the pipeline's)
+#   make grasp-figure  the README's grasp picture (needs the LENS weights; OFFLINE=0 downloads them)
 #   make clean    remove build/ and the venv's stamps (next `make venv` re-checks everything)
 #   make distclean  also remove .venv
 # Versions are pinned in constraints.txt (used through PIP_CONSTRAINT for every pip call).
@@ -44,7 +45,7 @@ TEST_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 	ROS_LOG_DIR="$(CURDIR)/$(BUILD)/ros_log" \
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: venv test demo bench clean distclean
+.PHONY: venv test demo bench grasp-figure clean distclean
 .DELETE_ON_ERROR:
 
 venv: $(STAMPS)/interfaces $(STAMPS)/editable
@@ -93,6 +94,14 @@ demo: venv
 
 bench: venv
 	HF_HUB_OFFLINE=$(OFFLINE) $(VPY) -m lens_ros.bench.pipeline $(BENCH_ARGS)
+	$(VPY) -m lens_ros.bench.grasp
+
+# LENS's mask of the cup on the shipped photo with its grasp regions, as the README shows it.
+FIGURE_MODEL ?= OuyBin/LENS
+grasp-figure: venv
+	HF_HUB_OFFLINE=$(OFFLINE) $(VENV)/bin/lens-segment --model $(FIGURE_MODEL) --image lens_ros/data/coffee.jpg \
+		--command "the coffee cup" --out $(BUILD)/grasp_figure
+	mkdir -p docs && cp $(BUILD)/grasp_figure/overlay.png docs/grasp_regions.png
 
 clean:
 	rm -rf $(BUILD) $(STAMPS)

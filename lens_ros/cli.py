@@ -31,6 +31,37 @@ def read_image(path: str):
     return image
 
 
+def read_depth(path: str):
+    """A depth image: a 16-bit PNG in millimetres or a .npy of float metres (0/NaN = invalid)."""
+    import cv2
+    import numpy as np
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"depth {path!r} does not exist")
+    if path.endswith(".npy"):
+        try:
+            depth = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"cannot read depth {path!r}: {exc}") from exc
+        if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.floating):
+            raise ValueError(f"depth {path!r} must be a 2-D float array in metres, got {depth.dtype} {depth.shape}")
+        return depth.astype(np.float32)
+    depth = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if depth is None or depth.ndim != 2 or depth.dtype != np.uint16:
+        raise ValueError(f"depth {path!r} must be a single-channel 16-bit PNG in millimetres (or a .npy in metres)")
+    return depth
+
+
+def parse_intrinsics(text: str):
+    from lens_ros.grasp import Intrinsics
+
+    try:
+        fx, fy, cx, cy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--intrinsics must be fx,fy,cx,cy (four numbers), got {text!r}") from None
+    return Intrinsics(fx, fy, cx, cy)
+
+
 def write_outputs(out_dir: Path, rgb, result) -> None:
     """mask.png (mono8 255/0, source size), overlay.png and result.json."""
     import cv2
@@ -40,14 +71,16 @@ def write_outputs(out_dir: Path, rgb, result) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(out_dir / "mask.png"), result.mask.astype("uint8") * 255)
     cv2.imwrite(str(out_dir / "overlay.png"), cv2.cvtColor(draw_overlay(rgb, result), cv2.COLOR_RGB2BGR))
-    (out_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    # numpy scalars/arrays (e.g. in grasps) as plain JSON numbers and lists
+    as_json = json.dumps(result.to_dict(), indent=2, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+    (out_dir / "result.json").write_text(as_json + "\n")
 
 
 def summary_line(result, out_dir: Path) -> str:
     t = result.timings
     if result.found:
         box = "[" + ", ".join(f"{v:.0f}" for v in result.box) + "]"
-        what = f"found box={box} score={result.score:.2f} mask={int(result.mask.sum())}px"
+        what = f"found box={box} score={result.score:.2f} mask={int(result.mask.sum())}px grasps={len(result.grasps)}"
     else:
         what = "not found"
     return (f"{what} tokens={result.generated_tokens} total={t.total_ms:.0f}ms "
@@ -66,6 +99,11 @@ def segment_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256)")
     parser.add_argument("--offline", action="store_true", help="never download; use the local Hugging Face cache only")
     parser.add_argument("--out", default="lens_segment_out", help="output directory (default ./lens_segment_out)")
+    parser.add_argument("--depth", default=None, help="depth aligned to the image: 16-bit PNG (mm) or .npy (m)")
+    parser.add_argument("--intrinsics", default=None, help="fx,fy,cx,cy of the image (pixels), for 3-D grasps")
+    parser.add_argument("--grasp-approach", choices=("top_down", "camera"), default="top_down",
+                        help="3-D grasps approach against the table normal (default) or along the camera ray")
+    parser.add_argument("--no-grasps", action="store_true", help="do not compute grasp regions")
     args = parser.parse_args(argv)
 
     from lens_ros.images import InvalidInputError, check_command, to_rgb8
@@ -76,6 +114,10 @@ def segment_main(argv: list[str] | None = None) -> int:
         image = read_image(args.image)
         rgb = to_rgb8(image, bgr=image.ndim == 3 and image.shape[2] in (3, 4))
         command = check_command(args.command)
+        depth = read_depth(args.depth) if args.depth else None
+        intrinsics = parse_intrinsics(args.intrinsics) if args.intrinsics else None
+        if (depth is None) != (intrinsics is None):
+            raise ValueError("--depth and --intrinsics go together (3-D grasps need both)")
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -84,7 +126,12 @@ def segment_main(argv: list[str] | None = None) -> int:
         config = PipelineConfig(model=args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
                                 allow_download=not args.offline, cot=args.cot, **options)
         pipeline = LensPipeline.from_config(config)
-        result = pipeline.segment(rgb, command)
+        grasp = None
+        if not args.no_grasps:
+            from lens_ros.grasp import GraspConfig
+
+            grasp = GraspConfig(approach=args.grasp_approach, component="box")  # the part LENS's box names
+        result = pipeline.segment(rgb, command, grasp=grasp, depth=depth, intrinsics=intrinsics)
     except (ModelUnavailableError, CheckpointError, InvalidInputError) as exc:
         return _fail(str(exc))
     except ValueError as exc:  # configuration values

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from lens_ros import prompts
-from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, check_command, to_rgb8
+from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, InvalidInputError, check_command, to_rgb8
 from lens_ros.model.checkpoint import DEFAULT_MODEL, load_lens_model
 from lens_ros.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamImageEmbedding, sam_input_size, upsample_logits
 
@@ -43,6 +43,7 @@ VLM_MAX_PIXELS = 1_000_000
 STAGE_PREPARING = "preparing"
 STAGE_REASONING = "reasoning"
 STAGE_MASK = "mask"
+STAGE_GRASP = "grasp"
 
 
 @dataclass
@@ -237,10 +238,13 @@ class LensPipeline:
     @torch.inference_mode()
     def segment(self, image, command: str, bgr: bool = False,
                 progress: Callable[[str, str], None] | None = None,
-                cancel: threading.Event | None = None) -> SegmentationResult:
+                cancel: threading.Event | None = None, grasp=None, depth: np.ndarray | None = None,
+                intrinsics=None) -> SegmentationResult:
         """Answer ``command`` on ``image`` (a numpy array or a ``PreparedImage``).
 
-        Raises ``InvalidInputError`` (a ``ValueError``) for an unusable image or command and
+        With ``grasp`` (a ``lens_ros.grasp.GraspConfig``) the result also holds grasp regions of
+        the mask, in 3-D when ``depth`` (aligned to the image) and ``intrinsics`` are given.
+        Raises ``InvalidInputError`` (a ``ValueError``) for an unusable image, depth or command and
         ``Cancelled`` when ``cancel`` is set while it runs. ``progress(stage, reasoning)`` is
         called as the stages start and as reasoning tokens arrive.
         """
@@ -250,6 +254,9 @@ class LensPipeline:
         report(STAGE_PREPARING, "")
         cached = self._prepared
         prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
+        if depth is not None and tuple(np.shape(depth)[:2]) != prepared.size:
+            raise InvalidInputError(f"depth is {np.shape(depth)[1]}x{np.shape(depth)[0]} but the image is "
+                                    f"{prepared.size[1]}x{prepared.size[0]}; depth must be aligned to the image")
         timings = StageTimings()
         if not isinstance(image, PreparedImage) and prepared is not cached:  # paid for by this request
             timings.preprocess_ms = prepared.preprocess_ms
@@ -282,8 +289,24 @@ class LensPipeline:
             result.mask = (logits[0, 0] > 0).cpu().numpy()
             result.found, result.box, result.score = True, parsed.box, score
             timings.mask_ms = (time.perf_counter() - start) * 1000
+            if grasp is not None:
+                report(STAGE_GRASP, parsed.reasoning)
+                start = time.perf_counter()
+                result.grasps = self._grasps(result, grasp, depth, intrinsics)
+                timings.grasp_ms = (time.perf_counter() - start) * 1000
         timings.total_ms = (time.perf_counter() - total_start) * 1000
         return result
+
+    @staticmethod
+    def _grasps(result: SegmentationResult, config, depth, intrinsics) -> list:
+        from lens_ros.grasp import grasp_regions
+
+        if not result.mask.any():  # SAM2 may return an empty mask even with a box: nothing to grasp
+            return []
+        try:
+            return grasp_regions(result.mask, depth=depth, intrinsics=intrinsics, config=config, box=result.box)
+        except ValueError as exc:  # bad depth or intrinsics: the caller's input, reported as such
+            raise InvalidInputError(f"grasp: {exc}") from exc
 
     @property
     def model_name(self) -> str:

@@ -9,6 +9,7 @@ MASK_COLOUR = (255, 64, 32)  # RGB
 BOX_COLOUR = (40, 220, 40)
 TEXT_COLOUR = (255, 255, 255)
 GRASP_COLOUR = (30, 144, 255)
+BEST_GRASP_COLOUR = (255, 230, 0)
 
 
 def draw_overlay(rgb: np.ndarray, result, alpha: float = 0.5) -> np.ndarray:
@@ -25,8 +26,9 @@ def draw_overlay(rgb: np.ndarray, result, alpha: float = 0.5) -> np.ndarray:
     if result.box is not None:
         x1, y1, x2, y2 = (int(round(v)) for v in result.box)
         cv2.rectangle(out, (x1, y1), (x2, y2), BOX_COLOUR, thickness)
-    for grasp in getattr(result, "grasps", None) or []:
-        _draw_grasp(out, grasp, thickness)
+    grasps = getattr(result, "grasps", None) or []
+    for grasp in reversed(grasps):  # the best (first) one drawn last, on top
+        _draw_grasp(out, grasp, thickness, best=grasp is grasps[0])
     _draw_caption(out, _caption(result))
     return out
 
@@ -49,9 +51,22 @@ def _draw_caption(out: np.ndarray, text: str) -> None:
     cv2.putText(out, text, (6, th + 6), cv2.FONT_HERSHEY_SIMPLEX, scale, TEXT_COLOUR, thickness, cv2.LINE_AA)
 
 
-def _draw_grasp(out: np.ndarray, grasp, thickness: int) -> None:
-    """A grasp as a rotated rectangle: jaws across the closing direction, opening along it."""
+def _draw_grasp(out: np.ndarray, grasp, thickness: int, best: bool = False) -> None:
+    """A parallel-jaw grasp: the two jaws (thick, across the closing direction) joined by the
+    opening line; the best grasp in its own colour."""
     (u, v), angle = grasp.center_px, grasp.angle_rad
-    box = cv2.boxPoints(((float(u), float(v)), (float(grasp.width_px), float(grasp.length_px)), float(np.degrees(angle))))
-    cv2.polylines(out, [np.round(box).astype(np.int32)], True, GRASP_COLOUR, thickness)
-    cv2.circle(out, (int(round(u)), int(round(v))), thickness + 2, GRASP_COLOUR, -1)
+    closing = np.array([np.cos(angle), np.sin(angle)])
+    across = np.array([-closing[1], closing[0]])
+    center = np.array([u, v], dtype=np.float64)
+    half_open, half_jaw = closing * grasp.width_px / 2, across * grasp.length_px / 2
+    colour = BEST_GRASP_COLOUR if best else GRASP_COLOUR
+    weight = thickness + 1 if best else thickness
+
+    def point(p):
+        return int(round(p[0])), int(round(p[1]))
+
+    cv2.line(out, point(center - half_open), point(center + half_open), colour, max(1, weight // 2), cv2.LINE_AA)
+    for side in (-1, 1):
+        jaw = center + side * half_open
+        cv2.line(out, point(jaw - half_jaw), point(jaw + half_jaw), colour, weight + 1, cv2.LINE_AA)
+    cv2.circle(out, point(center), weight + 1, colour, -1, cv2.LINE_AA)

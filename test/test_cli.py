@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from fixtures_lens import part_under_box
+
 from lens_ros.cli import make_tiny_main, segment_main
 
 BIN = Path(sys.executable).parent
@@ -81,3 +83,52 @@ def test_demo_falls_back_to_the_tiny_model_and_says_so(tmp_path, monkeypatch, ca
     for name in ("overlay.png", "mask.png", "result.json"):
         assert (tmp_path / "demo" / name).is_file()
     assert json.loads((tmp_path / "demo" / "result.json").read_text())["model"] == "tiny"
+
+
+def test_lens_segment_grasps_in_2d_and_with_depth_in_3d(scripted_checkpoint, photo_file, tmp_path, capsys):
+    """With the scripted checkpoint (it answers with a box): 2-D grasp regions by default, 3-D
+    ones with --depth and --intrinsics, all drawn on the overlay and written to result.json."""
+    base = ["--model", str(scripted_checkpoint), "--image", str(photo_file), "--command", "the cup",
+            "--max-new-tokens", "64"]
+    assert segment_main([*base, "--out", str(tmp_path / "plain"), "--no-grasps"]) == 0
+    assert "grasps=0" in capsys.readouterr().out
+    assert segment_main([*base, "--out", str(tmp_path / "2d")]) == 0
+    assert "found" in capsys.readouterr().out
+    planar = json.loads((tmp_path / "2d" / "result.json").read_text())
+    assert planar["grasps"] and not any(g["has_3d"] for g in planar["grasps"])
+    plain_overlay = cv2.imread(str(tmp_path / "plain" / "overlay.png"))
+    assert not np.array_equal(cv2.imread(str(tmp_path / "2d" / "overlay.png")), plain_overlay)
+    # Depth: the grasped mask part 5 cm above a table 0.6 m away, as a 16-bit PNG in millimetres.
+    mask = cv2.imread(str(tmp_path / "2d" / "mask.png"), cv2.IMREAD_UNCHANGED) > 0
+    depth = np.where(part_under_box(mask, planar["box"]), 550, 600).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "depth.png"), depth)
+    assert segment_main([*base, "--out", str(tmp_path / "3d"), "--depth", str(tmp_path / "depth.png"),
+                         "--intrinsics", "3000,3000,299.5,199.5"]) == 0
+    spatial = json.loads((tmp_path / "3d" / "result.json").read_text())
+    best = spatial["grasps"][0]
+    assert best["has_3d"] and 0.55 < best["position_m"][2] < 0.6 and len(best["closing_axis"]) == 3
+    assert f"grasps={len(spatial['grasps'])}" in capsys.readouterr().out
+
+
+def test_lens_segment_refuses_bad_depth_and_intrinsics(scripted_checkpoint, photo_file, tmp_path, capsys):
+    base = ["--model", str(scripted_checkpoint), "--image", str(photo_file), "--command", "the cup",
+            "--out", str(tmp_path / "o")]
+    good_depth = tmp_path / "depth.npy"
+    np.save(good_depth, np.full((400, 600), 0.6, np.float32))
+    small = tmp_path / "small.npy"
+    np.save(small, np.full((40, 60), 0.6, np.float32))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"not a png")
+    cases = [
+        (["--depth", str(good_depth)], "--depth and --intrinsics go together"),
+        (["--depth", str(good_depth), "--intrinsics", "500,500"], "--intrinsics must be fx,fy,cx,cy"),
+        (["--depth", str(good_depth), "--intrinsics=-500,500,300,200"], "focal lengths must be positive"),
+        (["--depth", str(tmp_path / "missing.png"), "--intrinsics", "500,500,300,200"], "does not exist"),
+        (["--depth", str(corrupt), "--intrinsics", "500,500,300,200"], "16-bit PNG in millimetres"),
+        (["--depth", str(small), "--intrinsics", "500,500,300,200"], "depth is 60x40 but the image is 600x400"),
+    ]
+    for extra, message in cases:
+        assert segment_main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert not (tmp_path / "o").exists()

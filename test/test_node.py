@@ -11,6 +11,8 @@ import time
 import numpy as np
 import pytest
 
+from fixtures_lens import part_under_box
+
 from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
 
 rclpy = pytest.importorskip("rclpy")
@@ -340,3 +342,62 @@ def test_safe_parameters_change_live_and_the_others_are_refused(lens):
     invalid = _set_parameter(lens, "busy_policy", "drop")
     assert not invalid.successful and "parameter 'busy_policy' must be one of" in invalid.reason
     assert _set_parameter(lens, "max_new_tokens", 8).successful
+
+
+def _camera_info(stamp, fx=2000.0, width=160, height=120):
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo(width=width, height=height)
+    info.header.stamp, info.header.frame_id = stamp, "camera_optical"
+    info.k = [fx, 0.0, (width - 1) / 2, 0.0, fx, (height - 1) / 2, 0.0, 0.0, 1.0]
+    return info
+
+
+def test_grasps_are_published_in_2d_and_with_depth_in_3d(scripted_checkpoint):
+    """A checkpoint scripted to answer with a box (the tiny model never finds anything by
+    itself): the node publishes 2-D grasp regions without depth; with depth and camera_info of
+    the same stamp, 3-D ones and the best on grasp_pose; with depth but no camera_info, 2-D ones
+    that say why."""
+    from geometry_msgs.msg import PoseStamped
+    from sensor_msgs.msg import CameraInfo
+
+    harness = Harness(scripted_checkpoint, "/cam_g", max_new_tokens=64, grasp_min_valid_points=5)
+    try:
+        info_pub = harness.peer.node.create_publisher(CameraInfo, "/cam_g/camera_info", qos_profile_sensor_data)
+        poses = harness.peer.subscribe(PoseStamped, "/cam_g/grasp_pose")
+        harness.wait_state("active")
+        harness.fresh_frame()
+        planar = harness.command("the cup")
+        assert planar.error == "" and planar.found, planar.error
+        assert planar.grasps and not any(g.has_3d for g in planar.grasps)
+        assert all(g.width_px > 0 and 0 < g.quality <= 1 for g in planar.grasps)
+        # The object: the mask part under the box stands 5 cm proud of a table 0.6 m away.
+        mask = np.frombuffer(bytes(planar.mask.data), np.uint8).reshape(planar.mask.height, planar.mask.width)
+        depth = np.where(part_under_box(mask > 0, planar.box), 0.55, 0.6).astype(np.float32)
+        harness.peer.wait_matched(harness.depth_pub)
+        harness.peer.wait_matched(info_pub)
+        stamp = harness.peer.now().to_msg()
+        for _ in range(3):
+            harness.depth_pub.publish(image_msg(depth, stamp, "32FC1"))
+            info_pub.publish(_camera_info(stamp))
+            time.sleep(0.05)
+        harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
+        spatial = harness.command("the cup")
+        assert spatial.error == "" and spatial.header.stamp == stamp
+        best = spatial.grasps[0]
+        assert best.has_3d, best.reason
+        assert 0.55 < best.pose.position.z < 0.6 and 0 < best.width_m <= 0.08
+        assert harness.peer.wait_for(lambda: any(p.header.stamp == stamp for p in poses), 10)
+        pose = next(p for p in poses if p.header.stamp == stamp)
+        assert pose.pose == best.pose and pose.header.frame_id == "camera_optical"
+        # Depth without a matching camera_info: 2-D regions with the reason.
+        stamp = harness.peer.now().to_msg()
+        for _ in range(3):
+            harness.depth_pub.publish(image_msg(depth, stamp, "32FC1"))
+            time.sleep(0.05)
+        harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
+        no_info = harness.command("the cup")
+        assert no_info.error == "" and no_info.grasps and not any(g.has_3d for g in no_info.grasps)
+        assert "no camera_info on '/cam_g/camera_info' matches the image" in no_info.grasps[0].reason
+    finally:
+        harness.close()

@@ -142,3 +142,37 @@ def test_answer_mask_logits_teacher_forces_a_given_answer(tiny_pipeline, photo_6
     assert logits.shape == (1, 1, 480, 640) and 0.0 <= score <= 1.0  # SAM2 predicts IoU through a sigmoid
     other, _ = tiny_pipeline.answer_mask_logits(photo_640x480, "the cup", "[300, 200, 600, 460]")
     assert not np.allclose(logits.numpy(), other.numpy())  # the answer text reaches the mask
+
+
+@pytest.fixture(scope="module")
+def scripted_pipeline(scripted_checkpoint):
+    from lens_ros.pipeline import LensPipeline, PipelineConfig
+
+    return LensPipeline.from_config(PipelineConfig(model=str(scripted_checkpoint), max_new_tokens=64))
+
+
+def test_found_results_get_grasps_when_asked(scripted_pipeline, tiny_pipeline, photo_640x480):
+    from lens_ros.grasp import GraspConfig, Intrinsics, grasp_regions
+
+    reports = []
+    result = scripted_pipeline.segment(photo_640x480, "the cup", grasp=GraspConfig(component="box"),
+                                       progress=lambda *report: reports.append(report))
+    assert result.found and result.mask.any()
+    assert result.grasps == grasp_regions(result.mask, config=GraspConfig(component="box"), box=result.box)
+    assert result.timings.grasp_ms > 0 and ("grasp", result.reasoning) in reports
+    without = scripted_pipeline.segment(photo_640x480, "the cup")
+    assert without.grasps == [] and without.timings.grasp_ms == 0
+    # not found: nothing to grasp, and no grasp stage
+    assert tiny_pipeline.segment(photo_640x480, "the cup", grasp=GraspConfig()).grasps == []
+    # depth: checked against the image before any work, and handed to grasp_regions
+    camera = Intrinsics(500, 500, 320, 240)
+    with pytest.raises(InvalidInputError, match="depth is 320x240 but the image is 640x480"):
+        scripted_pipeline.segment(photo_640x480, "the cup", grasp=GraspConfig(),
+                                  depth=np.ones((240, 320), np.float32), intrinsics=camera)
+    with pytest.raises(InvalidInputError, match="grasp: depth must be uint16"):
+        scripted_pipeline.segment(photo_640x480, "the cup", grasp=GraspConfig(),
+                                  depth=np.ones((480, 640), np.int64), intrinsics=camera)
+    flat = scripted_pipeline.segment(photo_640x480, "the cup", grasp=GraspConfig(component="box"),
+                                     depth=np.full((480, 640), 0.6, np.float32), intrinsics=camera)
+    assert flat.grasps and not any(g.has_3d for g in flat.grasps)  # a mask on a flat table has no height
+    assert "above its support plane" in flat.grasps[0].reason

@@ -17,7 +17,7 @@ import itertools
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -355,15 +355,23 @@ class LensNode(LifecycleNode):
             rgb = color_image_to_rgb(frame)
         except InvalidInputError as exc:  # conversion and size problems alike
             return self._failure(request, f"image: {exc}"), header
-        depth_problem = self._check_depth(header, rgb.shape[:2])
+        cfg = self.config
+        depth, intrinsics, depth_problem, grasp_note = None, None, "", ""
+        if cfg.grasps:  # depth is only used for grasps
+            depth, intrinsics, depth_problem, grasp_note = self._geometry_for(header, rgb.shape[:2])
         if depth_problem:
             return self._failure(request, depth_problem, rgb.shape[:2]), header
         try:
-            result = self.pipeline.segment(rgb, request.command, progress=request.progress, cancel=request.cancel)
+            result = self.pipeline.segment(rgb, request.command, progress=request.progress, cancel=request.cancel,
+                                           grasp=cfg.grasp_config() if cfg.grasps else None, depth=depth,
+                                           intrinsics=intrinsics)
         except InvalidInputError as exc:
             return self._failure(request, str(exc), rgb.shape[:2]), header
         except Cancelled:
             return self._failure(request, "cancelled", rgb.shape[:2]), header
+        if grasp_note:
+            result.grasps = [replace(g, reason="; ".join(r for r in (grasp_note, g.reason) if r))
+                             for g in result.grasps]
         if self.config.publish_overlay and not request.from_action:
             from lens_ros.visualize import draw_overlay
 
@@ -406,19 +414,37 @@ class LensNode(LifecycleNode):
             return time.monotonic() - frame.received
         return self.get_clock().now().nanoseconds * 1e-9 - stamp
 
-    def _check_depth(self, header: Header, size_hw: tuple[int, int]) -> str:
-        """A matching depth image must be usable; none at all is fine (2-D results only)."""
-        depth = self._matching(self._depth, header)
-        if depth is None:
-            return ""
-        if (depth.height, depth.width) != tuple(size_hw):
-            return (f"depth image is {depth.width}x{depth.height} but the colour image is "
-                    f"{size_hw[1]}x{size_hw[0]}; depth must be aligned to the colour image")
+    def _geometry_for(self, header: Header, size_hw: tuple[int, int]):
+        """Depth (metres) and intrinsics matching the colour image by stamp, for 3-D grasps.
+
+        Returns (depth, intrinsics, problem, note). A matching depth image must be usable
+        (``problem`` fails the command: misaligned depth is a set-up error to fix, not to hide);
+        no depth, or depth without a usable camera_info, gives 2-D grasps (``note`` says why).
+        """
+        from lens_ros.grasp import Intrinsics
+
+        depth_msg = self._matching(self._depth, header)
+        if depth_msg is None:
+            return None, None, "", ""
+        if (depth_msg.height, depth_msg.width) != tuple(size_hw):
+            return None, None, (f"depth image is {depth_msg.width}x{depth_msg.height} but the colour image is "
+                                f"{size_hw[1]}x{size_hw[0]}; depth must be aligned to the colour image"), ""
         try:
-            depth_image_to_metres(depth)
+            depth = depth_image_to_metres(depth_msg)
         except ImageConversionError as exc:
-            return f"depth: {exc}"
-        return ""
+            return None, None, f"depth: {exc}", ""
+        info = self._matching(self._camera_info, header)
+        topic = self.resolve_topic_name(CAMERA_INFO_TOPIC)
+        if info is None:
+            return None, None, "", f"no camera_info on '{topic}' matches the image: 3-D grasps need it"
+        if info.width and info.height and (info.height, info.width) != tuple(size_hw):
+            return None, None, "", (f"camera_info is for {info.width}x{info.height} images, not "
+                                    f"{size_hw[1]}x{size_hw[0]}: 3-D grasps need the colour camera's intrinsics")
+        try:
+            intrinsics = Intrinsics.from_k(info.k)
+        except ValueError as exc:  # an uncalibrated camera publishes K = 0
+            return None, None, "", f"camera_info is unusable ({exc}): 3-D grasps need a calibrated camera"
+        return depth, intrinsics, "", ""
 
     def _matching(self, buffer: collections.deque, header: Header):
         target = stamp_to_seconds(header.stamp)
@@ -448,6 +474,9 @@ class LensNode(LifecycleNode):
             self._segmentation_pub.publish(message)
             if not result.error:
                 self._mask_pub.publish(message.mask)
+                best = next((g for g in message.grasps if g.has_3d), None)  # grasps come best first
+                if best is not None:
+                    self._grasp_pub.publish(PoseStamped(header=message.header, pose=best.pose))
         request.done.set()
 
     def _publish_diagnostics(self) -> None:

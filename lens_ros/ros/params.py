@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 from dataclasses import dataclass, fields
 
+from lens_ros.grasp import APPROACHES, GraspConfig
 from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
 from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
 
@@ -49,6 +51,23 @@ class NodeConfig:
     busy_policy: str = "queue_latest"
     """A command arriving while one runs: 'queue_latest' (keep the newest pending, answer older ones with an
     error) or 'reject' (answer it at once with an error)."""
+    grasps: bool = True
+    """Compute grasp regions of found masks (3-D with matching depth and camera_info) and publish the best 3-D one
+    on 'grasp_pose'."""
+    grasp_approach: str = GraspConfig.approach
+    """Grasp approach direction: 'top_down' (against the support plane's normal) or 'camera' (along the camera ray)."""
+    grasp_max_opening_m: float = GraspConfig.max_opening_m
+    """Widest opening of the gripper (metres); wider parts of an object get no 3-D grasp."""
+    grasp_finger_length_m: float = GraspConfig.finger_length_m
+    """How far the jaws reach down from the object's top (metres)."""
+    grasp_finger_width_m: float = GraspConfig.finger_width_m
+    """Width of a jaw pad (metres): the strip of the object whose extent sets the opening."""
+    grasp_margin_m: float = GraspConfig.margin_m
+    """Clearance added on each side of the object's width (metres)."""
+    grasp_num_candidates: int = GraspConfig.num_candidates
+    """Most grasp regions per result (best first)."""
+    grasp_min_valid_points: int = GraspConfig.min_valid_points
+    """Fewest object pixels with valid depth for a 3-D grasp (lower it for low-resolution depth)."""
     publish_overlay: bool = False
     """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
     diagnostics_period_s: float = 1.0
@@ -58,7 +77,9 @@ class NodeConfig:
 
     # Parameters that may change while active (the rest need a deactivate/cleanup cycle).
     LIVE = ("cot", "max_new_tokens", "max_command_chars", "max_image_age_s", "image_wait_s", "sync_tolerance_s",
-            "frame_policy", "busy_policy", "publish_overlay")
+            "frame_policy", "busy_policy", "publish_overlay", "grasps", "grasp_approach", "grasp_max_opening_m",
+            "grasp_finger_length_m", "grasp_finger_width_m", "grasp_margin_m", "grasp_num_candidates",
+            "grasp_min_valid_points")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +110,19 @@ class NodeConfig:
                 raise ValueError(f"parameter {name!r} must be positive, got {getattr(self, name)}")
         if not self.sync_tolerance_s >= 0:
             raise ValueError(f"parameter 'sync_tolerance_s' must be >= 0, got {self.sync_tolerance_s}")
+        _one_of("grasp_approach", self.grasp_approach, APPROACHES)
+        try:
+            self.grasp_config()
+        except ValueError as exc:  # GraspConfig.<field> -> the parameter grasp_<field>
+            raise ValueError(re.sub(r"GraspConfig\.(\w+)", r"parameter 'grasp_\1'", str(exc))) from None
+
+    def grasp_config(self) -> GraspConfig:
+        """The GraspConfig the grasp_* parameters describe. The node grasps the mask part under
+        LENS's box: that is the object the answer named, whatever else SAM2 picked up."""
+        return GraspConfig(approach=self.grasp_approach, max_opening_m=self.grasp_max_opening_m,
+                           finger_length_m=self.grasp_finger_length_m, finger_width_m=self.grasp_finger_width_m,
+                           margin_m=self.grasp_margin_m, num_candidates=self.grasp_num_candidates,
+                           min_valid_points=self.grasp_min_valid_points, component="box")
 
     def resolved_device(self) -> str:
         if self.device != "auto":
