@@ -1,0 +1,691 @@
+"""Episode recording for retraining: every served command as a crash-safe rosbag2 (MCAP) record.
+
+One *episode* is what the node saw and answered for one command: the colour image, the matching
+depth and camera_info when present, the command, the Segmentation it published and, later, any
+operator Feedback about it. `EpisodeRecorder` (used by the ROS node) appends episodes to rosbag2
+directories (metadata.yaml + one .mcap) that `ros2 bag info/play` and Foxglove open;
+`read_episodes` gives them back to a trainer, on a machine with or without ROS.
+
+Nothing here imports rclpy: the recorder takes messages already CDR-serialized (the node has
+them from `rclpy.serialization.serialize_message`) and stores those exact bytes; the reader
+decodes them with rosbags' pure-Python typestore.
+
+On-disk layout (one bag directory per rotation, names sortable by creation time)::
+
+    <directory>/<prefix>_<UTC yyyymmdd_HHMMSS>_<n>/metadata.yaml
+    <directory>/<prefix>_<UTC yyyymmdd_HHMMSS>_<n>/<same name>.mcap
+
+Within an episode the messages are written in the order image, depth, camera_info, command,
+segmentation, all with the same log time. The Segmentation comes last on purpose: it is the
+commit marker, so a reader that finds it knows the episode before it is whole. (Only the
+Segmentation and Feedback carry request_id; the other messages belong to the Segmentation that
+follows them in the file.)
+
+Durability: rosbags' MCAP writer buffers messages in an in-memory chunk and writes the summary
+and footer only at close. After every episode (and every feedback) the recorder finalizes that
+chunk (`McapWriter.close_chunk()`, which writes the Chunk record and its message indexes), then
+flushes and fsyncs the file. A crash right after `record()` returns therefore loses nothing that
+was recorded; the bag then lacks its footer, summary and metadata.yaml, which `read_episodes`
+does not need (it reads the data section as a stream and stops at the first incomplete record).
+`ros2 bag reindex <bag>` rebuilds metadata.yaml for ROS tools.
+
+Errors: the recorder is a side job of a robot node and must never take the node down. An
+OSError (unwritable directory, disk full, I/O error) in `record()`/`record_feedback()` is not
+raised: the episode is counted as dropped, `last_error` names the path and the OS error, the
+damaged bag is abandoned (its complete episodes stay readable) and the next call tries a fresh
+bag directory, so freeing space or fixing permissions recovers without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import lens_ros
+
+logger = logging.getLogger(__name__)
+
+# Topic names inside the bags: the one source of truth for writer and reader.
+TOPIC_IMAGE = "/lens/image"
+TOPIC_DEPTH = "/lens/depth"
+TOPIC_CAMERA_INFO = "/lens/camera_info"
+TOPIC_COMMAND = "/lens/command"
+TOPIC_SEGMENTATION = "/lens/segmentation"
+TOPIC_FEEDBACK = "/lens/feedback"
+
+# Message type of each topic, in the order the messages of one episode are written (see above).
+TOPIC_TYPES = {
+    TOPIC_IMAGE: "sensor_msgs/msg/Image",
+    TOPIC_DEPTH: "sensor_msgs/msg/Image",
+    TOPIC_CAMERA_INFO: "sensor_msgs/msg/CameraInfo",
+    TOPIC_COMMAND: "std_msgs/msg/String",
+    TOPIC_SEGMENTATION: "lens_ros/msg/Segmentation",
+    TOPIC_FEEDBACK: "lens_ros/msg/Feedback",
+}
+
+PACKAGE = "lens_ros"
+ROSBAG2_VERSION = 9  # metadata.yaml version written by Jazzy/Kilted's rosbag2
+DEFAULT_MAX_BAG_BYTES = 1_000_000_000
+DEFAULT_NAME_PREFIX = "lens_episodes"
+
+
+# --------------------------------------------------------------------------------------------
+# Message types (rosbags typestore)
+# --------------------------------------------------------------------------------------------
+
+
+def _base_store_name():
+    """ROS 2 Kilted's types (the distro of our rclpy wheels), or the newest ROS 2 rosbags knows.
+
+    Standard types (sensor_msgs/Image, ...) come from this store so that the definitions and
+    RIHS01 type hashes recorded in the bag are the ones a Kilted `ros2 bag` expects.
+    """
+    from rosbags.typesys import Stores
+
+    if hasattr(Stores, "ROS2_KILTED"):
+        return Stores.ROS2_KILTED
+    return [store for store in Stores if store.name.startswith("ROS2_")][-1]
+
+
+def _new_base_store():
+    from rosbags.typesys import get_typestore
+
+    return get_typestore(_base_store_name())
+
+
+def find_msg_dir() -> Path:
+    """The directory holding lens_ros' .msg files, for registering our types with rosbags.
+
+    Looked up, in order, where each kind of install keeps them: the ament index (a sourced ROS
+    workspace: share/lens_ros/msg, i.e. what the running node's type support was built from),
+    the repository next to the package (editable/development install), and share/lens_ros/msg
+    under this Python's prefix (interfaces built into a venv without a sourced environment).
+    """
+    candidates = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / "msg")
+    except (ImportError, LookupError, OSError, ValueError):
+        pass  # no ament install, no sourced environment (OSError), or lens_ros not in the index
+    candidates.append(Path(lens_ros.__file__).resolve().parents[1] / "msg")
+    candidates.append(Path(sys.prefix) / "share" / PACKAGE / "msg")
+    for candidate in candidates:
+        if (candidate / "Segmentation.msg").is_file():
+            return candidate
+    raise FileNotFoundError(
+        "lens_ros episodes: cannot find lens_ros' .msg files (needed to register "
+        "lens_ros/msg/Segmentation etc. with rosbags); looked in: " + ", ".join(str(c) for c in candidates)
+    )
+
+
+def lens_typestore(msg_dir: str | os.PathLike | None = None):
+    """A rosbags typestore with the standard ROS 2 types plus lens_ros' own from their .msg text.
+
+    Registering from the .msg files (not from a copy in this module) keeps one source of truth:
+    the recorded definition and type hash then match what rosidl generated for the node.
+    """
+    from rosbags.typesys import get_types_from_msg
+
+    msg_dir = Path(msg_dir) if msg_dir is not None else find_msg_dir()
+    types = {}
+    for msg_file in sorted(msg_dir.glob("*.msg")):
+        types.update(get_types_from_msg(msg_file.read_text(encoding="utf-8"), f"{PACKAGE}/msg/{msg_file.stem}"))
+    if f"{PACKAGE}/msg/Segmentation" not in types:
+        raise FileNotFoundError(f"lens_ros episodes: no Segmentation.msg in {msg_dir}")
+    store = _new_base_store()
+    store.register(types)
+    return store
+
+
+def _offered_qos():
+    """The QoS `ros2 bag play` should republish with: rclpy's default (reliable, volatile, 10)."""
+    from rosbags.interfaces import Qos, QosDurability, QosHistory, QosLiveliness, QosReliability, QosTime
+
+    infinite = QosTime(9223372036, 854775807)  # how rosbag2 itself writes "no deadline/lifespan"
+    return [Qos(QosHistory.KEEP_LAST, 10, QosReliability.RELIABLE, QosDurability.VOLATILE, infinite, infinite,
+                QosLiveliness.AUTOMATIC, infinite, False)]
+
+
+# --------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------
+
+
+class EpisodeRecorder:
+    """Appends episodes to rosbag2 (MCAP) directories under `directory`, rotating by size.
+
+    Thread-safe (one lock): the node may call `record` from its command thread and
+    `record_feedback` from a subscription callback. Bags are opened lazily on the first message,
+    so constructing a recorder touches no files and an unwritable directory only shows in
+    `last_error`. Constructing one raises FileNotFoundError only when lens_ros' .msg files cannot
+    be found (an install problem, see `find_msg_dir`).
+
+    Diagnostics: `bag_path` (the bag being written, else the last one), `episodes_written`,
+    `episodes_dropped`, `feedback_written`, `feedback_dropped`, `bytes_written` (all .mcap bytes
+    this recorder wrote, all bags) and `last_error` ('' until something failed; it stays set
+    after a recovery so that a diagnostics reader still sees what happened).
+    """
+
+    def __init__(self, directory, max_bag_bytes=DEFAULT_MAX_BAG_BYTES, name_prefix=DEFAULT_NAME_PREFIX, *,
+                 fsync=True, msg_dir=None):
+        """`fsync=False` keeps per-episode flushing (survives a process crash) but skips the fsync
+        that also survives a power loss; only for tests or slow storage."""
+        if max_bag_bytes <= 0:
+            raise ValueError(f"max_bag_bytes must be positive, got {max_bag_bytes}")
+        self.directory = Path(directory)
+        self.max_bag_bytes = int(max_bag_bytes)
+        self.name_prefix = str(name_prefix)
+        self._fsync = bool(fsync)
+        typestore = lens_typestore(msg_dir)
+        # Definitions and type hashes once, not per bag: a rotation then costs milliseconds.
+        self._definitions = {
+            msgtype: (typestore.generate_msgdef(msgtype, ros_version=2)[0], typestore.hash_rihs01(msgtype))
+            for msgtype in set(TOPIC_TYPES.values())
+        }
+        self._lock = threading.RLock()
+        self._writer = None  # rosbags.rosbag2.Writer of the open bag
+        self._connections = {}  # topic -> rosbags Connection in the open bag
+        self._bag_path = None
+        self._bag_count = 0  # bags this recorder opened (the <n> of their names)
+        self._bag_episodes = 0
+        self._bag_messages = 0
+        self._closed_bytes = 0  # .mcap bytes of bags already closed or abandoned
+        self._episodes_written = 0
+        self._episodes_dropped = 0
+        self._feedback_written = 0
+        self._feedback_dropped = 0
+        self._last_error = ""
+
+    # -- diagnostics ------------------------------------------------------------------------
+
+    @property
+    def bag_path(self) -> Path | None:
+        with self._lock:
+            return self._bag_path
+
+    @property
+    def episodes_written(self) -> int:
+        with self._lock:
+            return self._episodes_written
+
+    @property
+    def episodes_dropped(self) -> int:
+        with self._lock:
+            return self._episodes_dropped
+
+    @property
+    def feedback_written(self) -> int:
+        with self._lock:
+            return self._feedback_written
+
+    @property
+    def feedback_dropped(self) -> int:
+        with self._lock:
+            return self._feedback_dropped
+
+    @property
+    def bytes_written(self) -> int:
+        with self._lock:
+            return self._closed_bytes + self._open_bytes()
+
+    @property
+    def last_error(self) -> str:
+        with self._lock:
+            return self._last_error
+
+    # -- recording --------------------------------------------------------------------------
+
+    def record(self, request_id: int, image: bytes, command: bytes, segmentation: bytes,
+               depth: bytes | None = None, camera_info: bytes | None = None, stamp_ns: int | None = None) -> None:
+        """Append one episode (CDR-serialized messages, stored byte for byte); durable on return.
+
+        `stamp_ns` is the log time of all of its messages (default: now); `request_id` (the
+        Segmentation's) only names the episode in errors. Never raises OSError: see the module
+        docstring.
+        """
+        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        messages = [(TOPIC_IMAGE, image), (TOPIC_DEPTH, depth), (TOPIC_CAMERA_INFO, camera_info),
+                    (TOPIC_COMMAND, command), (TOPIC_SEGMENTATION, segmentation)]
+        with self._lock:
+            if self._write_durably([(t, d) for t, d in messages if d is not None], stamp_ns, f"episode {request_id}"):
+                self._episodes_written += 1
+                self._bag_episodes += 1
+            else:
+                self._episodes_dropped += 1
+
+    def record_feedback(self, request_id: int, feedback: bytes, stamp_ns: int | None = None) -> None:
+        """Append an operator's Feedback (CDR); `read_episodes` attaches it by its request_id."""
+        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        with self._lock:
+            if self._write_durably([(TOPIC_FEEDBACK, feedback)], stamp_ns, f"feedback for episode {request_id}"):
+                self._feedback_written += 1
+            else:
+                self._feedback_dropped += 1
+
+    def close(self) -> None:
+        """Finish the open bag (MCAP summary + footer, metadata.yaml). Never raises OSError.
+
+        Recording after close() starts a new bag.
+        """
+        with self._lock:
+            if self._writer is None:
+                return
+            bag = self._bag_path
+            try:
+                self._writer.set_custom_data("lens_ros.episodes", str(self._bag_episodes))
+                self._writer.close()
+                self._closed_bytes += self._mcap_path(bag).stat().st_size
+                if self._fsync:
+                    _fsync_path(self._mcap_path(bag))
+                    _fsync_path(bag / "metadata.yaml")
+                    _fsync_path(bag)
+            except OSError as err:
+                self._fail(f"could not close bag {bag}: {err}")
+                self._abandon_bag()
+            finally:
+                self._writer = None
+                self._connections = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
+
+    # -- internals (called with the lock held) ------------------------------------------------
+
+    def _write_durably(self, messages, stamp_ns, what) -> bool:
+        """Write `messages` as one unit, finalize the chunk, flush, fsync; rotate when too big.
+
+        False (and last_error set) when an OSError stopped it; the bag is then abandoned because
+        its file may end in a partial record, and the next call opens a new one.
+        """
+        from rosbags.rosbag2 import WriterError
+
+        if self._writer is None:
+            try:
+                self._open_bag()
+            except (OSError, WriterError, RuntimeError) as err:
+                self._fail(f"{what} dropped: cannot open a bag under {self.directory}: {err}")
+                self._abandon_bag()
+                return False
+        bag = self._bag_path
+        try:
+            for topic, data in messages:
+                self._writer.write(self._connections[topic], stamp_ns, data)
+            self._make_durable()
+            self._bag_messages += len(messages)
+        except OSError as err:
+            self._fail(f"{what} dropped: cannot write bag {bag}: {err}")
+            self._abandon_bag()
+            return False
+        if self._open_bytes() > self.max_bag_bytes:
+            self.close()
+        return True
+
+    def _open_bag(self):
+        """Create the next bag directory (UTC time + counter, never reusing an existing name)."""
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        utc = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+        while True:
+            bag = self.directory / f"{self.name_prefix}_{utc}_{self._bag_count}"
+            self._bag_count += 1
+            if not bag.exists():
+                break
+        self._bag_path = bag
+        self._bag_episodes = 0
+        self._bag_messages = 0
+        writer = Writer(bag, version=ROSBAG2_VERSION, storage_plugin=StoragePlugin.MCAP)
+        writer.open()
+        self._writer = writer
+        storage = writer.storage
+        if not (callable(getattr(storage, "close_chunk", None)) and hasattr(storage, "bio")):
+            # Checked here, not at import, so that a rosbags upgrade fails loudly in the first
+            # recording instead of silently losing the per-episode durability.
+            raise RuntimeError("lens_ros episodes: this rosbags' McapWriter has no close_chunk()/bio; "
+                               "per-episode durability needs rosbags 0.11 (see lens_ros/episodes.py)")
+        qos = _offered_qos()
+        self._connections = {
+            topic: writer.add_connection(topic, msgtype, msgdef=self._definitions[msgtype][0],
+                                         rihs01=self._definitions[msgtype][1], offered_qos_profiles=qos)
+            for topic, msgtype in TOPIC_TYPES.items()
+        }
+        if self._fsync:  # the new directory entries must survive a power loss too
+            _fsync_path(self.directory)
+            _fsync_path(bag)
+
+    def _make_durable(self):
+        """Put everything written so far on disk as complete MCAP records.
+
+        rosbags' McapWriter keeps messages (and, before the first chunk, the schemas and
+        channels) in `storage.chunk` until 1 MiB or close; `close_chunk()` writes that Chunk
+        and its MessageIndex records to `storage.bio`, a buffered file.
+        """
+        storage = self._writer.storage
+        if storage.chunk.bio.tell():
+            storage.close_chunk()
+        storage.bio.flush()
+        if self._fsync:
+            os.fsync(storage.bio.fileno())
+
+    def _open_bytes(self) -> int:
+        if self._writer is None or self._writer.storage is None:
+            return 0
+        try:
+            return self._writer.storage.bio.tell()
+        except (OSError, ValueError):
+            return 0
+
+    def _abandon_bag(self):
+        """Give up the open bag after an error; remove it if it holds no message at all."""
+        writer, self._writer = self._writer, None
+        self._connections = {}
+        bag = self._bag_path
+        keep = bag is not None and self._bag_messages > 0
+        if writer is not None:
+            if keep:
+                self._closed_bytes += self._open_bytes_of(writer)
+            try:
+                writer.abort()  # closes the file; flushing may fail again, which is fine here
+            except Exception:  # noqa: BLE001 - best effort on an already failed bag
+                pass
+        if bag is not None and not keep and bag.is_dir():
+            shutil.rmtree(bag, ignore_errors=True)  # nothing durable in it: do not leave litter
+
+    @staticmethod
+    def _open_bytes_of(writer) -> int:
+        try:
+            return writer.storage.bio.tell() if writer.storage is not None else 0
+        except (OSError, ValueError):
+            return 0
+
+    @staticmethod
+    def _mcap_path(bag: Path) -> Path:
+        return bag / f"{bag.name}.mcap"  # rosbags' McapWriter naming
+
+    def _fail(self, message):
+        self._last_error = message
+        logger.error("lens_ros episodes: %s", message)
+
+
+def _fsync_path(path: Path):
+    """fsync a file or directory by path (directories: so that new entries in it are durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episode:
+    """One recorded command and its answer, as rosbags message objects (ROS field names).
+
+    `image.data` and `segmentation.mask.data` are numpy uint8 arrays; `stamp_ns` is the log
+    time the episode was recorded with; `feedback` holds the Feedback messages about it.
+    """
+
+    request_id: int
+    stamp_ns: int
+    image: Any
+    command: str
+    segmentation: Any
+    depth: Any | None = None
+    camera_info: Any | None = None
+    feedback: list = field(default_factory=list)
+
+
+def read_episodes(path) -> Iterator[Episode]:
+    """Every complete episode under `path`, in recording order, with its feedback attached.
+
+    `path` is a bag directory, a single .mcap file, or a directory of bag directories (bags in
+    name order, i.e. creation time; episodes in the order they were written). rclpy is not
+    needed: messages are decoded with rosbags using the definitions stored in the bag itself
+    (falling back to lens_ros' .msg files), so old bags stay readable after a .msg change.
+
+    Bags of a crashed or killed recorder (no footer, metadata.yaml missing or stale, last record
+    cut) are read as a stream up to the first incomplete record: every episode whose
+    Segmentation was written is returned, a partial one is skipped, nothing raises.
+
+    Feedback attaches by request_id to the nearest earlier episode with that id (request ids
+    restart with the node), across bags; failing that, to the first later one. The files are
+    read twice, once for the small feedback/request-id index and once to yield the episodes,
+    so that memory holds one episode at a time however large the recording.
+    """
+    files = _mcap_files(Path(path))
+    feedback_by_episode = _attach_feedback(files)
+    for file_index, mcap_path in enumerate(files):
+        decoder = _DECODER
+        episodes = (payload for kind, payload in _episode_items(mcap_path) if kind == "episode")
+        for episode_index, parts in enumerate(episodes):
+            try:
+                episode = _decode_episode(decoder, parts)
+            except Exception as err:  # noqa: BLE001 - a record we cannot decode must not stop a trainer
+                logger.warning("lens_ros episodes: skipping an undecodable episode in %s: %s", mcap_path, err)
+                continue
+            episode.feedback = feedback_by_episode.get((file_index, episode_index), [])
+            yield episode
+
+
+def _natural_key(path: Path):
+    """Sort key so that <prefix>_..._10 comes after <prefix>_..._9."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def _mcap_files(path: Path) -> list[Path]:
+    """The .mcap files `path` stands for, in reading order."""
+    if not path.exists():
+        raise FileNotFoundError(f"lens_ros episodes: {path} does not exist")
+    if path.is_file():
+        return [path]
+    own = sorted(path.glob("*.mcap"), key=_natural_key)
+    if own:
+        return own
+    bags = sorted((p for p in path.iterdir() if p.is_dir()), key=_natural_key)
+    return [f for bag in bags for f in sorted(bag.glob("*.mcap"), key=_natural_key)]
+
+
+class _ExactReads:
+    """File wrapper that turns a short read into mcap's EndOfFile.
+
+    mcap's StreamReader reads a record's payload with one read(n) and does not check that n
+    bytes came back, so a record cut by a crash would be yielded with its data truncated.
+    """
+
+    def __init__(self, file):
+        self._file = file
+
+    def read(self, size=-1):
+        from mcap.exceptions import EndOfFile
+
+        data = self._file.read(size)
+        if size is not None and size > 0 and len(data) != size:
+            raise EndOfFile()
+        return data
+
+
+def _stream_messages(mcap_path: Path):
+    """(topic, msgtype, msgdef text, log_time, CDR bytes) in file order, up to the first damage.
+
+    A streaming (non-seeking) read needs no summary or footer, which a killed recorder never
+    wrote. Schemas and channels precede their messages in the stream (rosbags writes them into
+    the first chunk).
+    """
+    import struct
+
+    from mcap.exceptions import McapError
+    from mcap.records import Channel, Message, Schema
+    from mcap.stream_reader import StreamReader
+
+    schemas = {}
+    channels = {}
+    with open(mcap_path, "rb") as file:
+        try:
+            for record in StreamReader(_ExactReads(file)).records:
+                if isinstance(record, Schema):
+                    schemas[record.id] = record
+                elif isinstance(record, Channel):
+                    channels[record.id] = record
+                elif isinstance(record, Message) and record.channel_id in channels:
+                    channel = channels[record.channel_id]
+                    schema = schemas.get(channel.schema_id)
+                    msgtype = schema.name if schema is not None else ""
+                    msgdef = schema.data.decode("utf-8") if schema is not None else ""
+                    yield channel.topic, msgtype, msgdef, record.log_time, record.data
+        except (McapError, struct.error, ValueError, EOFError) as err:
+            # The expected end of a bag whose recorder died (no footer, last record cut).
+            logger.warning("lens_ros episodes: %s ends early (%s: %s); using the complete records before it",
+                           mcap_path, type(err).__name__, err or "truncated")
+
+
+def _episode_items(mcap_path: Path):
+    """('episode', {topic: (msgtype, msgdef, log_time, data)}) and ('feedback', same tuple).
+
+    Groups by file order: messages before a Segmentation belong to it; an image starts a new
+    episode, so the remains of one whose Segmentation never got written are dropped.
+    """
+    pending = {}
+    for topic, msgtype, msgdef, log_time, data in _stream_messages(mcap_path):
+        item = (msgtype, msgdef, log_time, data)
+        if topic == TOPIC_FEEDBACK:
+            yield "feedback", item
+        elif topic == TOPIC_SEGMENTATION:
+            if TOPIC_IMAGE in pending and TOPIC_COMMAND in pending:
+                pending[TOPIC_SEGMENTATION] = item
+                yield "episode", pending
+            pending = {}
+        elif topic in TOPIC_TYPES:
+            if topic == TOPIC_IMAGE:
+                pending = {}
+            pending[topic] = item
+
+
+class _Decoder:
+    """CDR -> rosbags message objects, typed by the definitions each bag stores for itself.
+
+    Typestores are shared by every bag whose definitions agree (registering types and compiling
+    their deserializers costs tens of milliseconds, per store); a bag whose definition of a type
+    conflicts with the ones seen so far (recorded before a .msg change, or by another ROS
+    release) gets a store of its own. One process-wide instance (`_DECODER`), behind a lock.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._stores = []  # [(Typestore, {msgtype: msgdef registered in it})]
+        self._fallback = None
+
+    def decode(self, item):
+        msgtype, msgdef, _log_time, data = item
+        return self._store_for(msgtype, msgdef).deserialize_cdr(data, msgtype)
+
+    def _store_for(self, msgtype, msgdef):
+        from rosbags.typesys import TypesysError, get_types_from_msg
+
+        with self._lock:
+            if not msgdef:  # a schemaless channel: trust lens_ros' .msg files / the standard types
+                if self._fallback is None:
+                    self._fallback = lens_typestore()
+                return self._fallback
+            for store, definitions in self._stores:
+                if definitions.get(msgtype) == msgdef:
+                    return store
+            types = get_types_from_msg(msgdef, msgtype)
+            for store, definitions in self._stores:
+                if msgtype not in definitions:
+                    try:
+                        store.register(types)  # raises if a dependency's definition conflicts
+                    except TypesysError:
+                        continue
+                    definitions[msgtype] = msgdef
+                    return store
+            try:
+                store = _new_base_store()
+                store.register(types)
+            except TypesysError:  # the distro's own definition differs: the bag's alone
+                store = _new_empty_store()
+                store.register(types)
+            self._stores.append((store, {msgtype: msgdef}))
+            return store
+
+
+def _new_empty_store():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.EMPTY)
+
+
+_DECODER = _Decoder()
+
+
+def _decode_episode(decoder: _Decoder, parts) -> Episode:
+    segmentation = decoder.decode(parts[TOPIC_SEGMENTATION])
+    depth = parts.get(TOPIC_DEPTH)
+    camera_info = parts.get(TOPIC_CAMERA_INFO)
+    return Episode(
+        request_id=int(segmentation.request_id),
+        stamp_ns=int(parts[TOPIC_SEGMENTATION][2]),
+        image=decoder.decode(parts[TOPIC_IMAGE]),
+        command=decoder.decode(parts[TOPIC_COMMAND]).data,
+        segmentation=segmentation,
+        depth=decoder.decode(depth) if depth is not None else None,
+        camera_info=decoder.decode(camera_info) if camera_info is not None else None,
+    )
+
+
+def _attach_feedback(files) -> dict[tuple[int, int], list]:
+    """{(file index, episode index in file): [Feedback, ...]} by the rule in `read_episodes`.
+
+    Episodes are keyed by position, not request_id, because ids repeat across node restarts.
+    """
+    episodes_by_id = defaultdict(list)  # request_id -> [(sequence, key)] in reading order
+    feedback = []  # (sequence, message)
+    sequence = 0
+    for file_index, mcap_path in enumerate(files):
+        decoder = _DECODER
+        episode_index = 0
+        for kind, payload in _episode_items(mcap_path):
+            sequence += 1
+            key = (file_index, episode_index)
+            if kind == "episode":
+                episode_index += 1
+            try:
+                if kind == "feedback":
+                    feedback.append((sequence, decoder.decode(payload)))
+                    continue
+                request_id = int(decoder.decode(payload[TOPIC_SEGMENTATION]).request_id)
+            except Exception as err:  # noqa: BLE001 - same tolerance as read_episodes
+                logger.warning("lens_ros episodes: skipping an undecodable %s in %s: %s", kind, mcap_path, err)
+                continue
+            episodes_by_id[request_id].append((sequence, key))
+    attached = defaultdict(list)
+    for sequence, message in feedback:
+        candidates = episodes_by_id.get(int(message.request_id), [])
+        before = [key for seq, key in candidates if seq < sequence]
+        after = [key for seq, key in candidates if seq > sequence]
+        if before:
+            attached[before[-1]].append(message)
+        elif after:
+            attached[after[0]].append(message)
+        else:
+            logger.info("lens_ros episodes: feedback for unknown episode %d ignored", message.request_id)
+    return dict(attached)

@@ -1,0 +1,546 @@
+"""lens_ros.episodes: recording episodes into rosbag2/MCAP and reading them back for training.
+
+Real messages throughout: rclpy messages serialized with rclpy's CDR serialisation, exactly as
+the node hands them to the recorder. What is written is checked with rosbags' own rosbag2
+Reader and the `mcap` library's indexed reader (what `ros2 bag` and Foxglove rely on), and
+crash safety with a recorder process that is really killed, a real file-size limit standing in
+for a full disk, and truncation at many byte offsets.
+"""
+
+import json
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from geometry_msgs.msg import Pose
+from rclpy.serialization import deserialize_message, serialize_message
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+
+from lens_ros.episodes import (
+    TOPIC_CAMERA_INFO,
+    TOPIC_COMMAND,
+    TOPIC_DEPTH,
+    TOPIC_FEEDBACK,
+    TOPIC_IMAGE,
+    TOPIC_SEGMENTATION,
+    TOPIC_TYPES,
+    EpisodeRecorder,
+    find_msg_dir,
+    lens_typestore,
+    read_episodes,
+)
+from lens_ros.msg import Feedback, GraspRegion, Segmentation
+
+H, W = 12, 16
+STAMP_SEC = 1_700_000_000
+BAG_NAME = re.compile(r"lens_episodes_\d{8}_\d{6}_\d+")
+
+
+# -- real messages ----------------------------------------------------------------------------
+
+
+def make_episode(request_id, rng, with_depth=False, height=H, width=W):
+    """rclpy messages of one episode: {'image', 'command', 'segmentation', 'depth'?, 'camera_info'?}."""
+    image = Image(height=height, width=width, encoding="rgb8", step=3 * width,
+                  data=rng.integers(0, 256, size=height * width * 3, dtype=np.uint8).tobytes())
+    image.header.stamp.sec = STAMP_SEC + request_id
+    image.header.stamp.nanosec = 123
+    image.header.frame_id = "camera_color_optical_frame"
+    mask_pixels = (rng.random(height * width) > 0.5).astype(np.uint8) * 255
+    mask = Image(height=height, width=width, encoding="mono8", step=width, data=mask_pixels.tobytes())
+    mask.header = image.header
+    pose = Pose()
+    pose.position.x, pose.position.y, pose.position.z = 0.1, -0.2, 0.5 + request_id
+    pose.orientation.w = 1.0
+    grasp = GraspRegion(center_u=3.5 + request_id, center_v=4.25, angle=0.5, width_px=6.0, length_px=2.0,
+                        quality=0.75, has_3d=True, pose=pose, width_m=0.04, reason="")
+    segmentation = Segmentation(header=image.header, request_id=request_id, command=f"pick the cup {request_id}",
+                                reasoning="the red cup is left", found=True, box=[1.0, 2.0, 9.0, 10.0],
+                                score=0.9, mask=mask, grasps=[grasp], latency_total_ms=12.5,
+                                generated_tokens=7, model="tiny", error="")
+    messages = {"image": image, "command": String(data=f"pick the cup {request_id}"), "segmentation": segmentation}
+    if with_depth:
+        depth = Image(height=height, width=width, encoding="16UC1", step=2 * width,
+                      data=rng.integers(0, 2**16, size=height * width, dtype=np.uint16).tobytes())
+        depth.header = image.header
+        info = CameraInfo(header=image.header, height=height, width=width, distortion_model="plumb_bob",
+                          d=[0.0] * 5, k=[500.0, 0.0, width / 2, 0.0, 500.0, height / 2, 0.0, 0.0, 1.0])
+        messages.update(depth=depth, camera_info=info)
+    return messages
+
+
+def make_feedback(request_id, note="right cup", height=H, width=W):
+    mask = Image(height=height, width=width, encoding="mono8", step=width, data=bytes(height * width))
+    return Feedback(request_id=request_id, success=False, mask=mask, has_box=True, box=[0.0, 1.0, 5.0, 6.0], note=note)
+
+
+def serialized(messages):
+    return {name: serialize_message(message) for name, message in messages.items()}
+
+
+def record(recorder, request_id, raw, stamp_ns=None):
+    recorder.record(request_id, raw["image"], raw["command"], raw["segmentation"], depth=raw.get("depth"),
+                    camera_info=raw.get("camera_info"), stamp_ns=stamp_ns)
+
+
+def bag_dirs(directory):
+    return sorted(p for p in Path(directory).iterdir() if p.is_dir())
+
+
+def only_mcap(bag):
+    (mcap_file,) = Path(bag).glob("*.mcap")
+    return mcap_file
+
+
+def assert_episode_equals(episode, messages, feedback=()):
+    """A read-back Episode (rosbags objects) against the rclpy messages that were recorded."""
+    image, segmentation = messages["image"], messages["segmentation"]
+    assert episode.request_id == segmentation.request_id
+    assert episode.command == messages["command"].data
+    assert (episode.image.height, episode.image.width, episode.image.encoding) == (image.height, image.width, "rgb8")
+    assert episode.image.data.dtype == np.uint8
+    assert episode.image.data.tobytes() == bytes(image.data)
+    assert episode.image.header.stamp.sec == image.header.stamp.sec
+    assert episode.image.header.frame_id == image.header.frame_id
+    got = episode.segmentation
+    assert got.header.stamp.sec == image.header.stamp.sec and got.header.stamp.nanosec == 123
+    assert got.command == segmentation.command and got.reasoning == segmentation.reasoning
+    assert got.found is True and got.generated_tokens == 7 and got.model == "tiny"
+    np.testing.assert_array_equal(got.box, np.asarray(segmentation.box, dtype=np.float32))
+    assert got.mask.encoding == "mono8" and got.mask.data.tobytes() == bytes(segmentation.mask.data)
+    assert len(got.grasps) == 1
+    grasp, want = got.grasps[0], segmentation.grasps[0]
+    for name in ("center_u", "center_v", "angle", "width_px", "length_px", "quality", "width_m"):
+        assert getattr(grasp, name) == pytest.approx(getattr(want, name)), name
+    assert grasp.has_3d is True and grasp.pose.position.z == pytest.approx(want.pose.position.z)
+    if "depth" in messages:
+        assert episode.depth.encoding == "16UC1" and episode.depth.data.tobytes() == bytes(messages["depth"].data)
+        np.testing.assert_array_equal(episode.camera_info.k, np.asarray(messages["camera_info"].k))
+        assert episode.camera_info.distortion_model == "plumb_bob"
+    else:
+        assert episode.depth is None and episode.camera_info is None
+    assert [(f.request_id, f.note) for f in episode.feedback] == [(f.request_id, f.note) for f in feedback]
+
+
+# -- recording and reading back ---------------------------------------------------------------
+
+
+def test_recorded_bag_reads_back_with_rosbags_and_read_episodes(tmp_path):
+    from rosbags.rosbag2 import Reader
+
+    rng = np.random.default_rng(0)
+    episodes = [make_episode(i, rng, with_depth=(i == 1)) for i in range(3)]
+    raws = [serialized(m) for m in episodes]
+    feedback = make_feedback(1)
+    raw_feedback = serialize_message(feedback)
+
+    recorder = EpisodeRecorder(tmp_path / "episodes")
+    assert recorder.bag_path is None and recorder.last_error == ""  # nothing is opened before recording
+    for request_id, raw in enumerate(raws):
+        record(recorder, request_id, raw, stamp_ns=(STAMP_SEC + request_id) * 10**9)
+    recorder.record_feedback(1, raw_feedback, stamp_ns=(STAMP_SEC + 10) * 10**9)
+    bag = recorder.bag_path
+    recorder.close()
+
+    assert recorder.last_error == ""
+    assert (recorder.episodes_written, recorder.episodes_dropped, recorder.feedback_written) == (3, 0, 1)
+    assert bag_dirs(tmp_path / "episodes") == [bag] and BAG_NAME.fullmatch(bag.name)
+    assert recorder.bytes_written == only_mcap(bag).stat().st_size
+    assert (bag / "metadata.yaml").is_file()
+
+    # rosbags' own rosbag2 reader (metadata.yaml + indexed MCAP), as `ros2 bag info` sees it.
+    sent = {TOPIC_IMAGE: [r["image"] for r in raws], TOPIC_DEPTH: [raws[1]["depth"]],
+            TOPIC_CAMERA_INFO: [raws[1]["camera_info"]], TOPIC_COMMAND: [r["command"] for r in raws],
+            TOPIC_SEGMENTATION: [r["segmentation"] for r in raws], TOPIC_FEEDBACK: [raw_feedback]}
+    with Reader(bag) as reader:
+        assert reader.message_count == 3 + 1 + 1 + 3 + 3 + 1
+        connections = {c.topic: c for c in reader.connections}
+        assert set(connections) == set(TOPIC_TYPES)
+        for topic, connection in connections.items():
+            assert connection.msgtype == TOPIC_TYPES[topic]
+            assert connection.msgcount == len(sent[topic])
+        assert connections[TOPIC_SEGMENTATION].msgtype == "lens_ros/msg/Segmentation"
+        assert connections[TOPIC_FEEDBACK].msgtype == "lens_ros/msg/Feedback"
+        received = {topic: [] for topic in connections}
+        for connection, _timestamp, raw in reader.messages():
+            received[connection.topic].append(bytes(raw))
+        digests = {c.msgtype: c.digest for c in reader.connections}
+    # byte-exact CDR round trip through the bag, and rclpy decodes the bytes to equal messages
+    assert received == sent
+    originals = {TOPIC_SEGMENTATION: (Segmentation, [m["segmentation"] for m in episodes]),
+                 TOPIC_IMAGE: (Image, [m["image"] for m in episodes]),
+                 TOPIC_CAMERA_INFO: (CameraInfo, [episodes[1]["camera_info"]]),
+                 TOPIC_FEEDBACK: (Feedback, [feedback])}
+    for topic, (msg_class, messages) in originals.items():
+        # (through rclpy's own round trip on the expected side: float64 fields like score=0.9 are
+        # float32 on the wire)
+        expected = [deserialize_message(serialize_message(m), msg_class) for m in messages]
+        assert [deserialize_message(raw, msg_class) for raw in received[topic]] == expected
+
+    # The recorded type hashes are the ones rosidl generated for our interfaces (where installed).
+    for name in ("Segmentation", "Feedback"):
+        generated = Path(sys.prefix) / "share" / "lens_ros" / "msg" / f"{name}.json"
+        if generated.is_file():
+            hashes = {h["type_name"]: h["hash_string"] for h in json.loads(generated.read_text())["type_hashes"]}
+            assert digests[f"lens_ros/msg/{name}"] == hashes[f"lens_ros/msg/{name}"]
+            if "sensor_msgs/msg/Image" in hashes:
+                assert digests["sensor_msgs/msg/Image"] == hashes["sensor_msgs/msg/Image"]
+
+    # read_episodes: the bag directory, its .mcap alone, and the parent directory agree.
+    for path in (bag, only_mcap(bag), tmp_path / "episodes"):
+        got = list(read_episodes(path))
+        assert [e.request_id for e in got] == [0, 1, 2]
+        assert [e.stamp_ns for e in got] == [(STAMP_SEC + i) * 10**9 for i in range(3)]
+        for episode, messages in zip(got, episodes):
+            assert_episode_equals(episode, messages, feedback=[feedback] if episode.request_id == 1 else [])
+    note = got[1].feedback[0]
+    assert note.has_box is True and list(note.box) == [0.0, 1.0, 5.0, 6.0] and note.mask.width == W
+
+
+def test_schemas_decode_with_the_mcap_ros2_decoder(tmp_path):
+    """Foxglove-style readers decode from the stored ros2msg schemas (definitions + dependencies)."""
+    mcap_reader = pytest.importorskip("mcap.reader")
+    mcap_ros2_decoder = pytest.importorskip("mcap_ros2.decoder")
+    messages = make_episode(5, np.random.default_rng(1), with_depth=True)
+    with EpisodeRecorder(tmp_path) as recorder:
+        record(recorder, 5, serialized(messages))
+        bag = recorder.bag_path
+    with open(only_mcap(bag), "rb") as file:
+        reader = mcap_reader.make_reader(file, decoder_factories=[mcap_ros2_decoder.DecoderFactory()])
+        summary = reader.get_summary()
+        assert {s.encoding for s in summary.schemas.values()} == {"ros2msg"}
+        assert {c.message_encoding for c in summary.channels.values()} == {"cdr"}
+        decoded = {channel.topic: message for _schema, channel, _msg, message in reader.iter_decoded_messages()}
+    segmentation = decoded[TOPIC_SEGMENTATION]
+    assert segmentation.request_id == 5 and segmentation.grasps[0].center_u == pytest.approx(8.5)
+    assert bytes(segmentation.mask.data) == bytes(messages["segmentation"].mask.data)
+    assert decoded[TOPIC_CAMERA_INFO].distortion_model == "plumb_bob"
+
+
+def test_rotation_splits_bags_and_feedback_crosses_them(tmp_path):
+    from rosbags.rosbag2 import Reader
+
+    rng = np.random.default_rng(2)
+    episodes = [make_episode(i, rng) for i in range(7)]
+    directory = tmp_path / "episodes"
+    # About two episodes per bag: the size is checked after each episode.
+    recorder = EpisodeRecorder(directory, max_bag_bytes=2 * len(serialized(episodes[0])["image"]) + 4000,
+                               fsync=False)
+    bags_seen = []
+    feedback = make_feedback(1, note="late verdict")
+    for request_id, messages in enumerate(episodes):
+        record(recorder, request_id, serialized(messages))
+        bags_seen.append(recorder.bag_path)
+        if request_id == 5:
+            recorder.record_feedback(1, serialize_message(feedback))
+    recorder.close()
+
+    bags = bag_dirs(directory)
+    assert len(bags) >= 3
+    assert all(BAG_NAME.fullmatch(b.name) for b in bags)
+    assert recorder.bytes_written == sum(only_mcap(b).stat().st_size for b in bags)
+    segmentations, feedback_bags = 0, []
+    for bag in bags:  # every rotated bag is complete on its own
+        with Reader(bag) as reader:
+            counts = {c.topic: c.msgcount for c in reader.connections}
+        segmentations += counts[TOPIC_SEGMENTATION]
+        feedback_bags += [bag] * counts[TOPIC_FEEDBACK]
+    assert segmentations == 7
+    assert feedback_bags != [bags_seen[1]] and len(feedback_bags) == 1  # the verdict lies in a later bag
+
+    got = list(read_episodes(directory))
+    assert [e.request_id for e in got] == list(range(7))
+    assert [e.stamp_ns for e in got] == sorted(e.stamp_ns for e in got)
+    for episode, messages in zip(got, episodes):
+        assert_episode_equals(episode, messages, feedback=[feedback] if episode.request_id == 1 else [])
+
+
+def test_feedback_attaches_to_the_latest_episode_with_its_id(tmp_path):
+    """request_id restarts with the node: feedback belongs to the newest earlier episode."""
+    rng = np.random.default_rng(3)
+    first, second = make_episode(1, rng), make_episode(1, rng)
+    with EpisodeRecorder(tmp_path, fsync=False) as recorder:
+        record(recorder, 1, serialized(first))
+        recorder.record_feedback(1, serialize_message(make_feedback(1, note="first run")))
+        record(recorder, 1, serialized(second))
+        recorder.record_feedback(1, serialize_message(make_feedback(1, note="second run")))
+        recorder.record_feedback(99, serialize_message(make_feedback(99, note="no such episode")))
+    got = list(read_episodes(tmp_path))
+    assert [[f.note for f in e.feedback] for e in got] == [["first run"], ["second run"]]
+
+
+def test_two_threads_record_and_give_feedback(tmp_path):
+    rng = np.random.default_rng(4)
+    raws = [serialized(make_episode(i, rng)) for i in range(30)]
+    recorder = EpisodeRecorder(tmp_path, max_bag_bytes=20_000, fsync=False)
+    recorded = threading.Semaphore(0)
+
+    def commands():
+        for request_id, raw in enumerate(raws):
+            record(recorder, request_id, raw)
+            recorded.release()
+
+    def operator():
+        for request_id in range(30):
+            recorded.acquire()
+            recorder.record_feedback(request_id, serialize_message(make_feedback(request_id, note=str(request_id))))
+
+    threads = [threading.Thread(target=commands), threading.Thread(target=operator)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    recorder.close()
+    assert recorder.last_error == ""
+    got = list(read_episodes(tmp_path))
+    assert [e.request_id for e in got] == list(range(30))
+    assert [[f.note for f in e.feedback] for e in got] == [[str(i)] for i in range(30)]
+
+
+# -- crash safety -----------------------------------------------------------------------------
+
+CHILD_PRELUDE = """
+import os, pickle, signal, sys
+from lens_ros.episodes import EpisodeRecorder
+directory, raws_file = sys.argv[1], sys.argv[2]
+with open(raws_file, "rb") as f:
+    raws = pickle.load(f)
+def record(recorder, request_id, raw):
+    recorder.record(request_id, raw["image"], raw["command"], raw["segmentation"], depth=raw.get("depth"),
+                    camera_info=raw.get("camera_info"))
+"""
+
+
+def run_child(tmp_path, body, raws, *args):
+    raws_file = tmp_path / "raws.pickle"
+    raws_file.write_bytes(pickle.dumps(raws))
+    script = CHILD_PRELUDE + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path / "episodes"), str(raws_file), *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_recorded_episode_survives_the_recorder_being_killed(tmp_path):
+    rng = np.random.default_rng(5)
+    episodes = [make_episode(i, rng, with_depth=(i % 2 == 0)) for i in range(4)]
+    feedback = make_feedback(2)
+    body = """
+        recorder = EpisodeRecorder(directory)
+        for request_id, raw in enumerate(raws[:-1]):
+            record(recorder, request_id, raw)
+        recorder.record_feedback(2, raws[-1])
+        os.kill(os.getpid(), signal.SIGKILL)  # right after the calls returned: no close, no atexit
+    """
+    done = run_child(tmp_path, body, [serialized(m) for m in episodes] + [serialize_message(feedback)])
+    assert done.returncode == -9, done.stderr
+    (bag,) = bag_dirs(tmp_path / "episodes")
+    assert not (bag / "metadata.yaml").exists()  # never closed
+    got = list(read_episodes(tmp_path / "episodes"))
+    assert [e.request_id for e in got] == [0, 1, 2, 3]
+    for episode, messages in zip(got, episodes):
+        assert_episode_equals(episode, messages, feedback=[feedback] if episode.request_id == 2 else [])
+
+
+def chunk_ends(mcap_file):
+    """(end offsets of the chunks holding a Segmentation, end offsets of all chunks), via mcap's summary."""
+    from mcap.reader import make_reader
+
+    with open(mcap_file, "rb") as file:
+        summary = make_reader(file).get_summary()
+    (segmentation_channel,) = [c.id for c in summary.channels.values() if c.topic == TOPIC_SEGMENTATION]
+    ends = [(ci.chunk_start_offset + ci.chunk_length, ci) for ci in summary.chunk_indexes]
+    return ([end for end, ci in ends if segmentation_channel in ci.message_index_offsets],
+            [(ci.chunk_start_offset, end) for end, ci in ends])
+
+
+def test_truncated_bags_yield_exactly_the_complete_episodes(tmp_path, caplog):
+    rng = np.random.default_rng(6)
+    episodes = [make_episode(i, rng, with_depth=(i == 0)) for i in range(4)]
+    # Episode 2's image is over rosbags' 1 MiB chunk size, so the writer flushes a chunk in the
+    # middle of the episode: cutting after it leaves an image without its Segmentation.
+    episodes[2] = make_episode(2, rng, height=520, width=700)
+    with EpisodeRecorder(tmp_path / "bag", fsync=False) as recorder:
+        for request_id, messages in enumerate(episodes):
+            record(recorder, request_id, serialized(messages))
+        bag = recorder.bag_path
+    original = only_mcap(bag)
+    data = original.read_bytes()
+    segmentation_ends, chunks = chunk_ends(original)
+    assert len(segmentation_ends) == 4 and len(chunks) == 5  # episode 2 spans two chunks
+
+    cuts = {0, 1, 8, 20, len(data) - 1, len(data) - 30}
+    for start, end in chunks:
+        cuts |= {start, start + 1, start + 9, start + 50, (start + end) // 2, end - 1, end, end + 5}
+    cuts = sorted(c for c in cuts if 0 <= c <= len(data))
+    damaged = tmp_path / "damaged" / bag.name
+    damaged.mkdir(parents=True)
+    shutil.copy(bag / "metadata.yaml", damaged)  # stale: describes the whole bag
+    for cut in cuts:
+        (damaged / original.name).write_bytes(data[:cut])
+        expected = [i for i, end in enumerate(segmentation_ends) if end <= cut]
+        for path in (damaged, damaged / original.name):
+            got = list(read_episodes(path))
+            assert [e.request_id for e in got] == expected, f"cut at {cut} of {len(data)}"
+            for episode in got:
+                assert_episode_equals(episode, episodes[episode.request_id])
+    assert "ends early" in caplog.text
+
+
+def test_the_file_of_an_open_recorder_is_readable(tmp_path):
+    rng = np.random.default_rng(7)
+    episodes = [make_episode(i, rng) for i in range(3)]
+    recorder = EpisodeRecorder(tmp_path / "live", fsync=False)
+    for request_id, messages in enumerate(episodes):
+        record(recorder, request_id, serialized(messages))
+    snapshot = tmp_path / "snapshot.mcap"
+    shutil.copy(only_mcap(recorder.bag_path), snapshot)
+    assert [e.request_id for e in read_episodes(snapshot)] == [0, 1, 2]
+    assert [e.request_id for e in read_episodes(tmp_path / "live")] == [0, 1, 2]  # while it is open
+    record(recorder, 3, serialized(make_episode(3, rng)))
+    recorder.close()
+    assert [e.request_id for e in read_episodes(tmp_path / "live")] == [0, 1, 2, 3]
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def test_unwritable_directory_sets_last_error_and_recovers(tmp_path):
+    """A path under a regular file cannot be created, even by root (chmod would not stop root)."""
+    rng = np.random.default_rng(8)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file")
+    directory = blocker / "episodes"
+    recorder = EpisodeRecorder(directory)
+    raw = serialized(make_episode(0, rng))
+    record(recorder, 0, raw)  # must not raise
+    recorder.record_feedback(0, serialize_message(make_feedback(0)))
+    assert recorder.episodes_written == 0 and recorder.episodes_dropped == 1 and recorder.feedback_dropped == 1
+    assert str(directory) in recorder.last_error
+    assert "Not a directory" in recorder.last_error or "Errno" in recorder.last_error
+
+    blocker.unlink()
+    directory.mkdir(parents=True)
+    for request_id in (1, 2):
+        record(recorder, request_id, serialized(make_episode(request_id, rng)))
+    recorder.close()
+    assert recorder.episodes_written == 2 and recorder.episodes_dropped == 1
+    assert [e.request_id for e in read_episodes(directory)] == [1, 2]
+
+
+def test_disk_full_drops_the_episode_and_a_new_bag_recovers(tmp_path):
+    """A real write failure mid-chunk: RLIMIT_FSIZE makes write() fail with EFBIG like ENOSPC would."""
+    pytest.importorskip("resource")  # POSIX only
+    rng = np.random.default_rng(9)
+    episodes = [make_episode(i, rng, height=60, width=80) for i in range(4)]
+    body = """
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a signal
+        recorder = EpisodeRecorder(directory)
+        record(recorder, 0, raws[0])
+        record(recorder, 1, raws[1])
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (recorder.bytes_written + 300, hard))
+        record(recorder, 2, raws[2])  # does not fit: must not raise
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # "space freed"
+        dropped_error = recorder.last_error
+        record(recorder, 3, raws[3])
+        recorder.close()
+        print(pickle.dumps((dropped_error, recorder.episodes_written, recorder.episodes_dropped)).hex())
+    """
+    done = run_child(tmp_path, body, [serialized(m) for m in episodes])
+    assert done.returncode == 0, done.stderr
+    error, written, dropped = pickle.loads(bytes.fromhex(done.stdout.strip().splitlines()[-1]))
+    assert (written, dropped) == (3, 1)
+    first, second = bag_dirs(tmp_path / "episodes")
+    assert "episode 2" in error and str(first) in error and "File too large" in error
+    assert not (first / "metadata.yaml").exists()  # abandoned after the failure, data kept
+    assert (second / "metadata.yaml").exists()
+    assert only_mcap(first).stat().st_size > 0
+    got = list(read_episodes(tmp_path / "episodes"))
+    assert [e.request_id for e in got] == [0, 1, 3]
+    for episode in got:
+        assert_episode_equals(episode, episodes[episode.request_id])
+
+
+def test_missing_msg_files_raise_a_clear_error(tmp_path):
+    assert (find_msg_dir() / "Segmentation.msg").is_file()
+    assert "lens_ros/msg/GraspRegion" in lens_typestore().types
+    with pytest.raises(FileNotFoundError, match="Segmentation.msg"):
+        lens_typestore(tmp_path)
+    with pytest.raises(FileNotFoundError, match="Segmentation.msg"):
+        EpisodeRecorder(tmp_path / "episodes", msg_dir=tmp_path)
+
+
+def test_reading_needs_no_rclpy(tmp_path):
+    rng = np.random.default_rng(10)
+    with EpisodeRecorder(tmp_path / "episodes", fsync=False) as recorder:
+        record(recorder, 4, serialized(make_episode(4, rng, with_depth=True)))
+    script = textwrap.dedent("""
+        import sys
+        for name in ("rclpy", "rosidl_runtime_py", "lens_ros.msg"):
+            sys.modules[name] = None  # any import of them fails
+        from lens_ros.episodes import read_episodes
+        (episode,) = read_episodes(sys.argv[1])
+        print(episode.request_id, episode.command, episode.segmentation.grasps[0].center_u, episode.depth.encoding)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "episodes")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["4", "pick", "the", "cup", "4", "7.5", "16UC1"]
+
+
+def test_missing_path_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        list(read_episodes(tmp_path / "nothing"))
+    assert list(read_episodes(tmp_path)) == []
+
+
+def test_bags_recorded_with_an_older_msg_definition_still_read(tmp_path):
+    """Each bag is decoded with the definitions it stores, so a .msg change does not orphan old data."""
+    import dataclasses
+
+    rng = np.random.default_rng(11)
+    old_msg_dir = tmp_path / "msg"
+    shutil.copytree(find_msg_dir(), old_msg_dir)
+    segmentation_msg = old_msg_dir / "Segmentation.msg"
+    segmentation_msg.write_text(segmentation_msg.read_text() + "\nstring extra  # a field that was later removed\n")
+    old_store = lens_typestore(old_msg_dir)
+
+    old_messages, new_messages = make_episode(1, rng), make_episode(2, rng)
+    old_raw = serialized(old_messages)
+    current = lens_typestore().deserialize_cdr(old_raw["segmentation"], "lens_ros/msg/Segmentation")
+    values = {f.name: getattr(current, f.name) for f in dataclasses.fields(current) if f.name != "__msgtype__"}
+    old_segmentation = old_store.types["lens_ros/msg/Segmentation"](**values, extra="old field")
+    old_raw["segmentation"] = bytes(old_store.serialize_cdr(old_segmentation, "lens_ros/msg/Segmentation"))
+
+    with EpisodeRecorder(tmp_path / "episodes", name_prefix="a_old", msg_dir=old_msg_dir, fsync=False) as old:
+        record(old, 1, old_raw)
+    with EpisodeRecorder(tmp_path / "episodes", name_prefix="b_new", fsync=False) as new:
+        record(new, 2, serialized(new_messages))
+        new.record_feedback(1, serialize_message(make_feedback(1, note="about the old one")))
+    first, second = read_episodes(tmp_path / "episodes")
+    assert first.segmentation.extra == "old field" and not hasattr(second.segmentation, "extra")
+    assert_episode_equals(first, old_messages, feedback=[make_feedback(1, note="about the old one")])
+    assert_episode_equals(second, new_messages)
+
+
+def test_msg_files_are_found_through_the_ament_index(tmp_path, monkeypatch):
+    """On a robot the .msg files live in an installed share/lens_ros/msg, found via AMENT_PREFIX_PATH."""
+    pytest.importorskip("ament_index_python")
+    prefix = tmp_path / "install"
+    shutil.copytree(find_msg_dir(), prefix / "share" / "lens_ros" / "msg")
+    marker = prefix / "share" / "ament_index" / "resource_index" / "packages" / "lens_ros"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("")
+    monkeypatch.setenv("AMENT_PREFIX_PATH", str(prefix))
+    assert find_msg_dir() == prefix / "share" / "lens_ros" / "msg"
+    with EpisodeRecorder(tmp_path / "episodes", fsync=False) as recorder:
+        record(recorder, 0, serialized(make_episode(0, np.random.default_rng(12))))
+    assert [e.request_id for e in read_episodes(tmp_path / "episodes")] == [0]
