@@ -54,6 +54,7 @@ setup(
             "lens-segment=lens_ros.cli:segment_main",
             "lens-make-tiny=lens_ros.cli:make_tiny_main",
             "lens-node=lens_ros.ros.node:main",
+            "lens-make-synthetic=lens_ros.training.synthetic:main",
         ],
     },
     zip_safe=False,

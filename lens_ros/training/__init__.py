@@ -1,0 +1,1 @@
+"""Offline retraining: datasets, rewards, GRPO trainer, evaluation."""
