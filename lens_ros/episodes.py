@@ -207,6 +207,7 @@ class EpisodeRecorder:
         self._feedback_written = 0
         self._feedback_dropped = 0
         self._last_error = ""
+        self._failing = False  # the most recent write failed
 
     # -- diagnostics ------------------------------------------------------------------------
 
@@ -245,6 +246,12 @@ class EpisodeRecorder:
         with self._lock:
             return self._last_error
 
+    @property
+    def failing(self) -> bool:
+        """True while recording does not work: the most recent episode or feedback was dropped."""
+        with self._lock:
+            return self._failing
+
     # -- recording --------------------------------------------------------------------------
 
     def record(self, request_id: int, image: bytes, command: bytes, segmentation: bytes,
@@ -259,7 +266,9 @@ class EpisodeRecorder:
         messages = [(TOPIC_IMAGE, image), (TOPIC_DEPTH, depth), (TOPIC_CAMERA_INFO, camera_info),
                     (TOPIC_COMMAND, command), (TOPIC_SEGMENTATION, segmentation)]
         with self._lock:
-            if self._write_durably([(t, d) for t, d in messages if d is not None], stamp_ns, f"episode {request_id}"):
+            ok = self._write_durably([(t, d) for t, d in messages if d is not None], stamp_ns, f"episode {request_id}")
+            self._failing = not ok
+            if ok:
                 self._episodes_written += 1
                 self._bag_episodes += 1
             else:
@@ -269,7 +278,9 @@ class EpisodeRecorder:
         """Append an operator's Feedback (CDR); `read_episodes` attaches it by its request_id."""
         stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
         with self._lock:
-            if self._write_durably([(TOPIC_FEEDBACK, feedback)], stamp_ns, f"feedback for episode {request_id}"):
+            ok = self._write_durably([(TOPIC_FEEDBACK, feedback)], stamp_ns, f"feedback for episode {request_id}")
+            self._failing = not ok
+            if ok:
                 self._feedback_written += 1
             else:
                 self._feedback_dropped += 1

@@ -544,3 +544,32 @@ def test_msg_files_are_found_through_the_ament_index(tmp_path, monkeypatch):
     with EpisodeRecorder(tmp_path / "episodes", fsync=False) as recorder:
         record(recorder, 0, serialized(make_episode(0, np.random.default_rng(12))))
     assert [e.request_id for e in read_episodes(tmp_path / "episodes")] == [0]
+
+
+def test_episodes_become_samples_labelled_by_their_newest_feedback(tmp_path):
+    from lens_ros.training.data import EpisodeDataset
+
+    rng = np.random.default_rng(7)
+    height, width = 32, 40
+    episodes = {i: make_episode(i, rng, height=height, width=width) for i in (1, 2, 3)}
+    corrected = np.zeros((height, width), np.uint8)
+    corrected[5:15, 10:30] = 255  # the operator's mask: 20 x 10 px
+    with EpisodeRecorder(tmp_path / "bags") as recorder:
+        for i, messages in episodes.items():
+            record(recorder, i, serialized(messages))
+        mask_fix = Feedback(request_id=1, success=False, mask=Image(height=height, width=width, encoding="mono8",
+                                                                    step=width, data=corrected.tobytes()))
+        recorder.record_feedback(1, serialize_message(mask_fix))
+        recorder.record_feedback(3, serialize_message(Feedback(request_id=3, success=True)))
+        recorder.record_feedback(3, serialize_message(Feedback(request_id=3, success=False, note="changed my mind")))
+    labelled = EpisodeDataset(tmp_path / "bags")
+    assert [s.expression for s in labelled] == ["pick the cup 1", "pick the cup 3"]
+    fixed, rejected = labelled
+    assert fixed.success is False and fixed.mask.sum() == 200 and fixed.box == (10, 5, 30, 15)
+    assert rejected.success is False and rejected.mask is None and rejected.box is None
+    image = episodes[1]["image"]
+    assert np.array_equal(fixed.image, np.frombuffer(bytes(image.data), np.uint8).reshape(height, width, 3))
+    everything = EpisodeDataset(tmp_path / "bags", labelled_only=False)
+    assert len(everything) == 3 and everything[1].success is None and everything[1].mask is None
+    with pytest.raises(FileNotFoundError, match="no episode bags"):
+        EpisodeDataset(tmp_path / "missing")

@@ -401,3 +401,82 @@ def test_grasps_are_published_in_2d_and_with_depth_in_3d(scripted_checkpoint):
         assert "no camera_info on '/cam_g/camera_info' matches the image" in no_info.grasps[0].reason
     finally:
         harness.close()
+
+
+def test_record_dir_records_episodes_with_their_feedback(scripted_checkpoint, tmp_path):
+    """Every served command becomes an episode in a rosbag2/MCAP bag that rosbags reads back
+    (image, depth, camera_info, command, Segmentation), with the operator's Feedback attached;
+    the episodes become labelled training samples."""
+    from rosbags.rosbag2 import Reader
+    from sensor_msgs.msg import CameraInfo
+
+    from lens_ros.episodes import TOPIC_TYPES, read_episodes
+    from lens_ros.msg import Feedback
+    from lens_ros.training.data import EpisodeDataset
+
+    record_dir = tmp_path / "episodes"
+    harness = Harness(scripted_checkpoint, "/cam_r", max_new_tokens=64, record_dir=str(record_dir))
+    try:
+        info_pub = harness.peer.node.create_publisher(CameraInfo, "/cam_r/camera_info", qos_profile_sensor_data)
+        feedback_pub = harness.peer.node.create_publisher(Feedback, "/cam_r/feedback", 10)
+        harness.wait_state("active")
+        harness.fresh_frame()
+        first = harness.command("the red cup")
+        harness.peer.wait_matched(harness.depth_pub)
+        harness.peer.wait_matched(info_pub)
+        stamp = harness.peer.now().to_msg()
+        for _ in range(3):
+            harness.depth_pub.publish(image_msg(np.full((120, 160), 600, np.uint16), stamp, "16UC1"))
+            info_pub.publish(_camera_info(stamp))
+            time.sleep(0.05)
+        harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
+        second = harness.command("the blue cup")
+        assert first.error == second.error == "" and first.found and second.found
+        assert harness.command("").error == "command is empty"  # refused before any frame: no episode
+        harness.peer.wait_matched(feedback_pub)
+        feedback_pub.publish(Feedback(request_id=first.request_id, success=True, note="right one"))
+        feedback_pub.publish(Feedback(request_id=second.request_id, success=False, has_box=True,
+                                      box=[10.0, 20.0, 60.0, 80.0]))
+        assert harness.peer.wait_for(lambda: int((harness.state() or {}).get("feedback_recorded", 0)) == 2, 20)
+        assert (harness.state() or {}).get("episodes_recorded") == "2"
+    finally:
+        harness.close()  # a clean shutdown also writes metadata.yaml
+
+    (bag,) = [p for p in record_dir.iterdir() if p.is_dir()]
+    with Reader(bag) as reader:
+        counts = {c.topic: c.msgcount for c in reader.connections}
+        types = {c.topic: c.msgtype for c in reader.connections}
+    assert counts == {"/lens/image": 2, "/lens/command": 2, "/lens/segmentation": 2, "/lens/depth": 1,
+                      "/lens/camera_info": 1, "/lens/feedback": 2}
+    assert all(types[topic] == msgtype for topic, msgtype in TOPIC_TYPES.items())
+    episodes = list(read_episodes(record_dir))
+    assert [e.command for e in episodes] == ["the red cup", "the blue cup"]
+    assert [e.segmentation.request_id for e in episodes] == [first.request_id, second.request_id]
+    assert episodes[0].depth is None and episodes[1].depth is not None and episodes[1].camera_info.k[0] == 2000
+    assert bytes(episodes[1].segmentation.mask.data) == bytes(second.mask.data)
+    assert [f.success for f in episodes[0].feedback] == [True] and episodes[1].feedback[0].has_box
+    samples = EpisodeDataset(record_dir)
+    assert [s.success for s in samples] == [True, False]
+    confirmed, corrected = samples
+    # confirmed: the robot's own answer is the label; corrected: the operator's box only
+    assert confirmed.box == pytest.approx(tuple(first.box)) and confirmed.mask.shape == (120, 160)
+    assert np.array_equal(confirmed.mask, np.frombuffer(bytes(first.mask.data), np.uint8).reshape(120, 160) > 0)
+    assert corrected.box == (10.0, 20.0, 60.0, 80.0) and corrected.mask is None
+    assert corrected.image.shape == (120, 160, 3) and corrected.expression == "the blue cup"
+
+
+def test_an_unwritable_record_dir_shows_in_diagnostics_and_the_node_keeps_serving(tiny_checkpoint, tmp_path):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the record directory should be")
+    harness = Harness(tiny_checkpoint, "/cam_u", record_dir=str(blocker / "episodes"))
+    try:
+        harness.wait_state("active")
+        harness.fresh_frame()
+        assert harness.command("the cup").error == ""
+        assert harness.peer.wait_for(lambda: (harness.state() or {}).get("episodes_dropped") == "1", 20)
+        state = harness.state()
+        assert str(blocker) in state["record_error"] and state["episodes_recorded"] == "0"
+        harness.fresh_frame()
+        assert harness.command("the cup").error == ""  # still serving
+    finally:
+        harness.close()

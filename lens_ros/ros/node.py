@@ -28,6 +28,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallb
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.serialization import serialize_message
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 
@@ -68,6 +69,7 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     answer: Segmentation | None = None
     from_action: bool = False
+    frame: Image | None = None  # the colour image that answered it, for the episode record
 
 
 @dataclass
@@ -112,6 +114,7 @@ class LensNode(LifecycleNode):
         self._action = None
         self._segmentation_pub = self._mask_pub = self._grasp_pub = self._overlay_pub = None
         self._diagnostics_pub = None
+        self._recorder = None  # lens_ros.episodes.EpisodeRecorder while record_dir is set
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
     # -- parameters -------------------------------------------------------------------------------
@@ -167,8 +170,18 @@ class LensNode(LifecycleNode):
         self._action = ActionServer(self, Segment, SEGMENT_ACTION, execute_callback=self._execute_goal,
                                     goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
                                     callback_group=ReentrantCallbackGroup())
+        if cfg.record_dir:
+            from lens_ros.episodes import EpisodeRecorder
+
+            try:  # an unwritable directory is not fatal: it shows in diagnostics and recording retries
+                self._recorder = EpisodeRecorder(cfg.record_dir, max_bag_bytes=cfg.record_max_bag_mb * 1_000_000)
+            except (OSError, ValueError) as exc:  # e.g. the interface definitions cannot be found
+                self.get_logger().error(f"configure failed: cannot record episodes: {exc}")
+                self._destroy_entities()
+                return TransitionCallbackReturn.FAILURE
         self._state = "inactive"
-        self.get_logger().info(f"configured: model {cfg.model}, device {cfg.device}, image QoS {cfg.image_qos}")
+        self.get_logger().info(f"configured: model {cfg.model}, device {cfg.device}, image QoS {cfg.image_qos}"
+                               + (f", recording episodes to {cfg.record_dir}" if cfg.record_dir else ""))
         return TransitionCallbackReturn.SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
@@ -237,6 +250,12 @@ class LensNode(LifecycleNode):
         if getattr(self, "_diagnostics_pub", None) is not None:
             self.destroy_publisher(self._diagnostics_pub)
             self._diagnostics_pub = None
+        self._close_recorder()
+
+    def _close_recorder(self) -> None:
+        if getattr(self, "_recorder", None) is not None:
+            self._recorder.close()  # the bag's summary and metadata.yaml (episodes are durable anyway)
+            self._recorder = None
 
     # -- inputs ---------------------------------------------------------------------------------
     def _on_image(self, msg: Image) -> None:
@@ -255,6 +274,8 @@ class LensNode(LifecycleNode):
 
     def _on_feedback(self, msg: Feedback) -> None:
         self.get_logger().info(f"feedback for request {msg.request_id}: success={msg.success} {msg.note!r}")
+        if self._recorder is not None:
+            self._recorder.record_feedback(msg.request_id, serialize_message(msg))
 
     def _on_command(self, msg: String) -> None:
         if self._state != "active":
@@ -351,6 +372,7 @@ class LensNode(LifecycleNode):
         if problem:
             return self._failure(request, problem), Header()
         header = frame.header
+        request.frame = frame
         try:
             rgb = color_image_to_rgb(frame)
         except InvalidInputError as exc:  # conversion and size problems alike
@@ -478,6 +500,19 @@ class LensNode(LifecycleNode):
                 if best is not None:
                     self._grasp_pub.publish(PoseStamped(header=message.header, pose=best.pose))
         request.done.set()
+        self._record(request, message)
+
+    def _record(self, request: _Request, message: Segmentation) -> None:
+        """The episode of a served command (one that had a frame), after the answer is out: the
+        fsync per episode must not delay it. Failures are kept in the recorder for diagnostics."""
+        if self._recorder is None or request.frame is None:
+            return
+        header = message.header
+        depth, info = self._matching(self._depth, header), self._matching(self._camera_info, header)
+        command = String(data=request.command)
+        self._recorder.record(request.id, serialize_message(request.frame), serialize_message(command),
+                              serialize_message(message), depth=serialize_message(depth) if depth else None,
+                              camera_info=serialize_message(info) if info else None)
 
     def _publish_diagnostics(self) -> None:
         if self._diagnostics_pub is None:
@@ -496,6 +531,14 @@ class LensNode(LifecycleNode):
             "busy": self._running is not None, "model_loaded": self.pipeline is not None,
             **{f"last_{name}": f"{value:.1f}" for name, value in stats.last_latency_ms.items()},
         }
+        recorder = self._recorder
+        if recorder is not None:
+            values.update(record_dir=cfg.record_dir, record_bag=str(recorder.bag_path or ""),
+                          episodes_recorded=recorder.episodes_written, episodes_dropped=recorder.episodes_dropped,
+                          feedback_recorded=recorder.feedback_written, record_error=recorder.last_error)
+            if recorder.failing and level == DiagnosticStatus.OK:
+                level = DiagnosticStatus.WARN
+                message += f"; recording: {recorder.last_error}"
         status = DiagnosticStatus(level=level, name=f"{self.get_fully_qualified_name()}: lens", message=message,
                                   hardware_id=values["device"],
                                   values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
@@ -520,6 +563,7 @@ def main(args: list[str] | None = None) -> int:
     finally:
         node._stop_worker("the node is shutting down")
         node._release_model()
+        node._close_recorder()
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

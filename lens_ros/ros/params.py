@@ -68,6 +68,11 @@ class NodeConfig:
     """Most grasp regions per result (best first)."""
     grasp_min_valid_points: int = GraspConfig.min_valid_points
     """Fewest object pixels with valid depth for a 3-D grasp (lower it for low-resolution depth)."""
+    record_dir: str = ""
+    """Record every served command as an episode (image, depth, camera_info, command, Segmentation, later Feedback) in
+    rosbag2/MCAP bags under this directory, for retraining; empty: off."""
+    record_max_bag_mb: int = 1000
+    """Start a new bag when the current one reaches this size (MB)."""
     publish_overlay: bool = False
     """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
     diagnostics_period_s: float = 1.0
@@ -102,7 +107,7 @@ class NodeConfig:
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.model.strip():
             raise ValueError("parameter 'model' is empty")
-        for name in ("max_new_tokens", "max_command_chars"):
+        for name in ("max_new_tokens", "max_command_chars", "record_max_bag_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
         for name in ("max_image_age_s", "image_wait_s", "diagnostics_period_s"):
