@@ -55,6 +55,7 @@ setup(
             "lens-make-tiny=lens_ros.cli:make_tiny_main",
             "lens-node=lens_ros.ros.node:main",
             "lens-make-synthetic=lens_ros.training.synthetic:main",
+            "lens-train=lens_ros.training.cli:train_main",
         ],
     },
     zip_safe=False,

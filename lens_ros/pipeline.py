@@ -123,8 +123,20 @@ class SegmentationResult:
         return data
 
 
+class ImageSizes:
+    """(height, width) of an image held as ``rgb`` and of its VLM-resized copy ``vlm_image``."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[0], self.rgb.shape[1]
+
+    @property
+    def vlm_size(self) -> tuple[int, int]:
+        return self.vlm_image.height, self.vlm_image.width
+
+
 @dataclass
-class PreparedImage:
+class PreparedImage(ImageSizes):
     """An image made ready for any number of commands (sam2's "set_image" step)."""
 
     rgb: np.ndarray
@@ -134,14 +146,6 @@ class PreparedImage:
     preprocess_ms: float
     image_encoder_ms: float
     vision_features: object = None  # the vision tower output, computed with the first command
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.rgb.shape[0], self.rgb.shape[1]
-
-    @property
-    def vlm_size(self) -> tuple[int, int]:
-        return self.vlm_image.height, self.vlm_image.width
 
 
 def vlm_resize_shape(height: int, width: int, max_pixels: int = VLM_MAX_PIXELS) -> tuple[int, int]:

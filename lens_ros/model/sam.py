@@ -84,14 +84,28 @@ def sam_input_size(sam: torch.nn.Module) -> int:
 
 def encode_image(sam: torch.nn.Module, pixels: torch.Tensor) -> SamImageEmbedding:
     """Run SAM2's image encoder on normalised pixels of shape (1, 3, S, S)."""
-    backbone_out = sam.forward_image(pixels)
-    _, vision_feats, _, feat_sizes = sam._prepare_backbone_features(backbone_out)
+    return embed_backbone(sam, sam.image_encoder(pixels), pixels.dtype)
+
+
+def embed_backbone(sam: torch.nn.Module, backbone_out: dict, dtype: torch.dtype) -> SamImageEmbedding:
+    """The embedding from the image encoder's raw output (``sam.image_encoder(pixels)``), as SAM2's
+    ``forward_image`` + ``_prepare_backbone_features`` + its image predictor make it.
+
+    Split from ``encode_image`` for training: the image encoder is frozen, so its output is computed
+    once without gradients, while ``conv_s0``/``conv_s1`` (applied here, as ``forward_image`` does)
+    belong to the mask decoder, which LENS's stage 2 trains. ``backbone_out`` is not modified.
+    """
+    fpn = list(backbone_out["backbone_fpn"])
+    if sam.use_high_res_features_in_sam:
+        fpn[0] = sam.sam_mask_decoder.conv_s0(fpn[0])
+        fpn[1] = sam.sam_mask_decoder.conv_s1(fpn[1])
+    _, vision_feats, _, feat_sizes = sam._prepare_backbone_features({**backbone_out, "backbone_fpn": fpn})
     # SAM2's FPN upsamples in float32, so some levels come out float32 under bfloat16/float16
     # weights; LENS casts every level back to the input's dtype before decoding.
-    vision_feats = [feat.to(pixels.dtype) for feat in vision_feats]
+    vision_feats = [feat.to(dtype) for feat in vision_feats]
     if sam.directly_add_no_mem_embed:
         vision_feats[-1] = vision_feats[-1] + sam.no_mem_embed
-    batch = pixels.shape[0]
+    batch = fpn[-1].shape[0]
     # (HW, B, C) -> (B, C, H, W), as SAM2ImagePredictor does, with sizes read from the model
     # rather than hard-coded for 1024 px so that reduced test models work too.
     feats = [feat.permute(1, 2, 0).reshape(batch, -1, *size) for feat, size in zip(vision_feats, feat_sizes)]

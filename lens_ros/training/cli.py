@@ -1,0 +1,242 @@
+"""``lens-train --recipe FILE [--set key=value ...]``: train LENS from a YAML recipe.
+
+A recipe is one flat YAML mapping (see ``training/*.yaml``):
+
+* ``model``: where training starts (``load_lens_model`` source: ``tiny``, a directory, ``OuyBin/LENS``);
+* ``data``: one data spec or a list of them (concatenated), see ``load_data``;
+* ``allow_download``: let ``model`` come from the Hugging Face hub (default false);
+* every other key is a ``LensTrainingConfig`` field (trl's ``GRPOConfig`` + LENS's own).
+
+``--set key=value`` overrides a recipe key; the value is converted to the field's type
+(``--set learning_rate=1e-5``, ``--set use_lora=true``, ``--set lora_target_modules=q_proj,v_proj``).
+Unknown keys are an error that lists the known ones. User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+RECIPE_KEYS = {"model": str, "data": list, "allow_download": bool}
+DEFAULT_MODEL = "tiny"
+SYNTHETIC_DIR = "synthetic_data"
+
+
+class RecipeError(ValueError):
+    """A recipe, an override or a data spec a user can fix."""
+
+
+# -- values ---------------------------------------------------------------------------------------
+def _config_fields() -> dict[str, dataclasses.Field]:
+    from lens_ros.training.trainer import LensTrainingConfig
+
+    return {f.name: f for f in dataclasses.fields(LensTrainingConfig) if f.init}
+
+
+def _field_types(name: str) -> list:
+    """The types a field accepts, None left out (a union's members, or the type itself)."""
+    from lens_ros.training.trainer import LensTrainingConfig
+
+    kind = typing.get_type_hints(LensTrainingConfig).get(name, str)
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return [k for k in typing.get_args(kind) if k is not type(None)] or [str]
+    return [kind]
+
+
+def _to_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0"):
+        return False
+    raise RecipeError(f"{name}: expected true or false, got {value!r}")
+
+
+def coerce(name: str, value):
+    """``value`` (from YAML or ``--set`` text) as the type of recipe key / config field ``name``."""
+    import yaml
+
+    kinds = [RECIPE_KEYS[name]] if name in RECIPE_KEYS else _field_types(name)
+    origin = typing.get_origin(kinds[0]) or kinds[0]
+    if value is None or (isinstance(value, str) and value.strip() in ("null", "~", "None")):  # "none" is a value
+        return None
+    try:
+        if origin is bool:
+            return _to_bool(name, value)
+        if origin is int:
+            number = float(value) if isinstance(value, str) else value
+            if isinstance(number, bool) or float(number) != int(number):
+                raise ValueError
+            return int(number)
+        if origin is float:  # YAML reads "3e-6" as a string
+            return float(value)
+        if origin is list:
+            if isinstance(value, str):
+                parsed = yaml.safe_load(value) if value.strip().startswith("[") else value.split(",")
+                value = parsed
+            return [v.strip() if isinstance(v, str) else v for v in (value if isinstance(value, list) else [value])]
+        if origin is dict and isinstance(value, str):
+            return yaml.safe_load(value)
+        if origin is str:
+            return str(value)
+    except (TypeError, ValueError, yaml.YAMLError):
+        raise RecipeError(f"{name}: cannot read {value!r} as {getattr(origin, '__name__', origin)}") from None
+    if isinstance(value, str):  # enums and other unions: a string when strings are accepted, else YAML's reading
+        return value if str in kinds else yaml.safe_load(value)
+    return value
+
+
+def apply_overrides(recipe: dict, overrides: Sequence[str]) -> dict:
+    """``recipe`` with each ``key=value`` of ``overrides`` applied (converted, checked)."""
+    recipe = dict(recipe)
+    known = set(RECIPE_KEYS) | set(_config_fields())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise RecipeError(f"--set wants key=value, got {item!r}")
+        if key not in known:
+            raise RecipeError(f"--set {key}: unknown key; known keys are {', '.join(sorted(known))}")
+        recipe[key] = value
+    return recipe
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of keys to values")
+    return recipe
+
+
+def build_config(recipe: dict):
+    """(LensTrainingConfig, model source, data specs, allow_download) from a recipe mapping."""
+    from lens_ros.training.trainer import LensTrainingConfig
+
+    fields = _config_fields()
+    unknown = sorted(set(recipe) - set(fields) - set(RECIPE_KEYS))
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {', '.join(unknown)}; known keys are "
+                          f"{', '.join(sorted(set(fields) | set(RECIPE_KEYS)))}")
+    values = {key: coerce(key, value) for key, value in recipe.items()}
+    data = values.pop("data", None)
+    if not data:
+        raise RecipeError("the recipe names no data (data: SPEC or a list of specs)")
+    model = values.pop("model", None) or DEFAULT_MODEL
+    allow_download = bool(values.pop("allow_download", False))
+    if not values.get("output_dir"):
+        raise RecipeError("the recipe names no output_dir")
+    try:
+        config = LensTrainingConfig(**values)
+    except (TypeError, ValueError) as exc:
+        raise RecipeError(f"invalid training configuration: {exc}") from exc
+    return config, model, [str(spec) for spec in data], allow_download
+
+
+# -- data -----------------------------------------------------------------------------------------
+def _parse_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise RecipeError(f"synthetic size must be WIDTHxHEIGHT, got {text!r}") from None
+    return width, height
+
+
+def load_data_spec(spec: str, output_dir: str | os.PathLike, seed: int = 0):
+    """One data spec -> a Sequence[Sample] for training.
+
+    * ``refer:ROOT[:DATASET[:SPLIT_BY[:SPLIT]]]``: RefCOCO-family (defaults refcoco, unc, train), one
+      random expression per ref and epoch (LENS §4);
+    * ``reasonseg:ROOT[:SPLIT]``: LISA's ReasonSeg (default split train);
+    * ``episodes:DIR``: robot episodes recorded by the node (``EpisodeDataset``), operator-labelled;
+    * ``synthetic[:N_IMAGES[:WxH]]``: the synthetic shapes data set, written into
+      ``<output_dir>/synthetic_data`` first (defaults 8 images, 80x64).
+
+    ``$VARS`` and ``~`` in paths are expanded.
+    """
+    from lens_ros.training import data
+
+    kind, _, rest = os.path.expanduser(os.path.expandvars(spec)).partition(":")
+    parts = rest.split(":") if rest else []
+    if kind == "refer":
+        if not parts:
+            raise RecipeError(f"data spec {spec!r}: refer needs a root, refer:ROOT[:DATASET[:SPLIT_BY[:SPLIT]]]")
+        root, dataset, split_by, split = (parts + ["refcoco", "unc", "train"][len(parts) - 1:])[:4]
+        return data.RefDataset(root, dataset=dataset, split_by=split_by, split=split, sentences="random", seed=seed)
+    if kind == "reasonseg":
+        if not parts:
+            raise RecipeError(f"data spec {spec!r}: reasonseg needs a root, reasonseg:ROOT[:SPLIT]")
+        return data.ReasonSegDataset(parts[0], split=parts[1] if len(parts) > 1 else "train")
+    if kind == "episodes":
+        if not parts:
+            raise RecipeError(f"data spec {spec!r}: episodes needs a directory, episodes:DIR")
+        episode_dataset = getattr(data, "EpisodeDataset", None)
+        if episode_dataset is None:
+            raise RecipeError("data spec episodes: lens_ros.training.data.EpisodeDataset is not available in this "
+                              "installation (the episode loader is missing)")
+        return episode_dataset(rest)
+    if kind == "synthetic":
+        from lens_ros.training.synthetic import make_synthetic_refer
+
+        n_images = int(parts[0]) if parts and parts[0] else 8
+        size = _parse_size(parts[1]) if len(parts) > 1 else (80, 64)
+        root = make_synthetic_refer(Path(output_dir) / SYNTHETIC_DIR, n_images=n_images, size=size, seed=seed)
+        return data.RefDataset(root, dataset="synthetic", split_by="unc", split="train", sentences="random", seed=seed)
+    raise RecipeError(f"data spec {spec!r}: unknown kind {kind!r} (refer, reasonseg, episodes, synthetic)")
+
+
+def load_data(specs: Sequence[str], output_dir, seed: int = 0):
+    from lens_ros.training.data import concat
+
+    datasets = [load_data_spec(spec, output_dir, seed) for spec in specs]
+    return datasets[0] if len(datasets) == 1 else concat(*datasets)
+
+
+# -- entry point ----------------------------------------------------------------------------------
+def train_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lens-train", description="Train LENS (stage 1, GRPO stage 2, LoRA "
+                                     "retraining on robot episodes) from a YAML recipe.")
+    parser.add_argument("--recipe", required=True, help="YAML recipe (see training/*.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key (repeatable)")
+    args = parser.parse_args(argv)
+    try:
+        recipe = apply_overrides(read_recipe(args.recipe), args.overrides)
+        config, model, specs, allow_download = build_config(recipe)
+        samples = load_data(specs, config.output_dir, seed=config.seed)
+        if len(samples) == 0:
+            raise RecipeError(f"the data ({', '.join(specs)}) holds no samples")
+    except (RecipeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    from lens_ros.model.checkpoint import ModelUnavailableError
+    from lens_ros.training.trainer import train_lens
+
+    print(f"lens-train: stage {config.stage}, model {model}, {len(samples)} samples, output {config.output_dir}")
+    try:
+        final = train_lens(config, model, samples, allow_download=allow_download)
+    except ModelUnavailableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"lens-train: final checkpoint {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,820 @@
+"""LENS training on trl: stage 1 (context head, GT box teacher-forced) and stage 2 (GRPO + mask loss).
+
+LENS_REFERENCE §4. Stage 2 is trl's ``GRPOTrainer`` with these additions, each in the smallest trl
+hook that carries it (trl 1.16):
+
+* ``_generate`` is wrapped only to keep the rollouts' prompt ids for the mask pass;
+  ``_generate_and_score_completions`` only to attach each row's image (source pixels, GT mask, the
+  cached SAM2 encoder output) before trl runs and to return them with the batch, as a list that trl's
+  shuffling and splitting carry along row for row.
+* ``_calculate_rewards``: before trl scores the completions, every completion whose answer holds
+  a usable box goes through the mask pass (prompt + that completion -> context head -> SAM2), and
+  its binarised mask becomes the ``pred_masks`` column the mask rewards read. No gradients: these
+  are the rollouts' own masks, like their text.
+* ``compute_loss``: trl's GRPO loss plus the mask loss (BCE + Dice) of every completion with a GT
+  mask, recomputed with gradients on the slice being optimised, so that it stays correct when trl
+  reuses a generation batch over several steps (``steps_per_generation``, ``num_iterations``).
+
+The mask pass is ``LensPipeline.mask_logits``, the inference code itself. SAM2's image encoder is
+frozen: its output is computed once per image of a generation batch without gradients and kept
+with the rollouts; the rest of SAM2's image path (the mask decoder's ``conv_s0``/``conv_s1``) runs
+with gradients in the loss.
+
+How trl gets to optimise everything: trl wants the VLM itself (generation, log-probs, PEFT,
+reference model). The context head and SAM2 are therefore registered as one extra submodule of
+the VLM (``lens_trainables``, the same parameter objects as the ``LensModel``'s). Trainer then puts
+them on the device, in train mode, in the optimizer (with its weight-decay groups), in gradient
+clipping and in DDP's gradient reduction, with no trl method overridden for it. The submodule is
+detached whenever a checkpoint is written, so checkpoints keep LENS's layout exactly.
+
+Stage 1 is a plain ``transformers.Trainer`` on a small module whose ``forward`` is the teacher-forced
+mask loss; only the context head is trainable.
+
+Both trainers override ``_save`` so that every checkpoint (``checkpoint-N`` and ``final``) is a LENS
+checkpoint that ``load_lens_model`` reads; trl's model card is skipped (it describes a plain
+transformers model).
+
+Not verified here: more than one process (no multi-GPU run was possible here; under DDP the mask
+pass runs outside the wrapped forward), no DeepSpeed ZeRO-3 (the head's parameters are read outside
+the module forward), no ``resume_from_checkpoint`` (checkpoints are LENS checkpoints, not trl's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from trl import GRPOConfig, GRPOTrainer
+
+from lens_ros import prompts
+from lens_ros.model.checkpoint import save_lens_checkpoint
+from lens_ros.model.sam import embed_backbone, sam_input_size
+from lens_ros.pipeline import ImageSizes, LensPipeline, PipelineConfig, PreparedImage, sam_pixels, vlm_resize_shape
+from lens_ros.training.rewards import UnifiedReward, completion_text
+
+
+STAGE_CONTEXT_HEAD = 1
+STAGE_GRPO = 2
+# The attribute under which the context head and SAM2 ride inside the VLM during training.
+TRAINABLES_NAME = "lens_trainables"
+CONTEXT_HEAD_MODULES = ("connector", "conv_1d", "proj_to_sam")
+FINAL_DIR = "final"
+CURVES_FILE = "training_curves.png"
+LOG_HISTORY_FILE = "log_history.json"
+# Qwen2.5's attention and MLP projections; the regex below limits them to the language model.
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LensTrainingConfig(GRPOConfig):
+    r"""trl's ``GRPOConfig`` plus what LENS adds. Defaults suit a small run; the recipes in ``training/``
+    carry LENS's own hyper-parameters (LENS_REFERENCE §4).
+
+    Changed trl defaults: ``bf16`` is None by default and then means "on when a CUDA GPU with bf16 is
+    present" (trl would turn bf16 on everywhere, which breaks or crawls on a CPU); ``reward_weights`` is
+    derived from the ``*_reward_weight`` fields and must not be set directly.
+
+    Parameters:
+        stage (`int`, defaults to `2`):
+            1: mask loss only, the GT box teacher-forced as the answer, only the context head trained.
+            2: GRPO on unified rewards + the mask loss on every rollout; VLM, context head, SAM2 prompt
+            encoder and mask decoder trained.
+        cot (`bool`, defaults to `False`):
+            Use the chain-of-thought prompt (the ``_CoT`` model's); pair it with ``think_format_reward_weight``.
+        mask_loss_weight (`float`, defaults to `1.0`):
+            Weight of the mask loss added to the GRPO loss (stage 2); 0 turns it off.
+        bce_weight (`float`, defaults to `1.0`):
+            Weight of the per-pixel BCE-with-logits term of the mask loss.
+        dice_weight (`float`, defaults to `1.0`):
+            Weight of the Dice term (sigmoid, smoothing 1) of the mask loss.
+        think_format_reward_weight (`float`, defaults to `0.0`):
+            Weight of the think-format reward (1 for ``<think>...</think><answer>...</answer>``). LENS's CoT model: 1.
+        box_iou_reward_weight (`float`, defaults to `1.0`):
+            Weight of the box IoU reward (GT box in VLM pixels).
+        mask_iou_reward_weight (`float`, defaults to `1.0`):
+            Weight of the mask IoU reward (the rollout's own mask against the GT mask).
+        boundary_iou_reward_weight (`float`, defaults to `0.0`):
+            Weight of the boundary IoU reward (not in LENS's recipes).
+        success_reward_weight (`float`, defaults to `0.0`):
+            Weight of the operator success reward (robot episodes).
+        squared_rewards (`bool`, defaults to `True`):
+            Square the IoU rewards, as LENS does.
+        use_lora (`bool`, defaults to `False`):
+            Train LoRA adapters on the VLM's language model instead of all VLM weights (stage 2). The
+            context head and SAM2's prompt encoder and mask decoder stay fully trained. Adapters are
+            merged into the weights of every saved checkpoint.
+        lora_r (`int`, defaults to `16`):
+            LoRA rank.
+        lora_alpha (`int`, defaults to `32`):
+            LoRA scaling numerator (scale = alpha / r).
+        lora_dropout (`float`, defaults to `0.05`):
+            Dropout on the LoRA branch.
+        lora_target_modules (`list[str]`, defaults to Qwen2.5's attention and MLP projections):
+            Module names that get adapters, matched inside the language model only (never the vision
+            tower, the context head or SAM2).
+        freeze_sam_image_encoder (`bool`, defaults to `True`):
+            SAM2's image encoder is always frozen in LENS; only True is accepted.
+        plot_curves (`bool`, defaults to `True`):
+            Write ``training_curves.png`` (loss, rewards, mask loss, KL, completion length) into
+            ``output_dir`` at the end of training.
+    """
+
+    stage: int = field(default=STAGE_GRPO, metadata={"help": "1: context head only; 2: GRPO + mask loss."})
+    cot: bool = field(default=False, metadata={"help": "Use the chain-of-thought prompt."})
+    mask_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the mask loss (stage 2)."})
+    bce_weight: float = field(default=1.0, metadata={"help": "Weight of the BCE term of the mask loss."})
+    dice_weight: float = field(default=1.0, metadata={"help": "Weight of the Dice term of the mask loss."})
+    think_format_reward_weight: float = field(default=0.0, metadata={"help": "Think-format reward weight."})
+    box_iou_reward_weight: float = field(default=1.0, metadata={"help": "Box IoU reward weight."})
+    mask_iou_reward_weight: float = field(default=1.0, metadata={"help": "Mask IoU reward weight."})
+    boundary_iou_reward_weight: float = field(default=0.0, metadata={"help": "Boundary IoU reward weight."})
+    success_reward_weight: float = field(default=0.0, metadata={"help": "Operator success reward weight."})
+    squared_rewards: bool = field(default=True, metadata={"help": "Square the IoU rewards (LENS)."})
+    use_lora: bool = field(default=False, metadata={"help": "LoRA on the VLM's language model (stage 2)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+                                           metadata={"help": "Language-model modules that get LoRA adapters."})
+    freeze_sam_image_encoder: bool = field(default=True, metadata={"help": "Always True (LENS)."})
+    plot_curves: bool = field(default=True, metadata={"help": "Write training_curves.png at the end."})
+
+    def __post_init__(self) -> None:
+        if self.stage not in (STAGE_CONTEXT_HEAD, STAGE_GRPO):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage!r}")
+        if not self.freeze_sam_image_encoder:
+            raise ValueError("freeze_sam_image_encoder must be True: LENS never trains SAM2's image encoder")
+        if self.reward_weights is not None:
+            raise ValueError("set the *_reward_weight fields, not reward_weights (it is derived from them)")
+        if self.sync_ref_model:
+            raise ValueError("sync_ref_model is not supported by LensGRPOTrainer")
+        if self.use_lora and self.stage == STAGE_CONTEXT_HEAD:
+            raise ValueError("use_lora applies to stage 2 only (stage 1 trains the context head alone)")
+        if self.bf16 is None:  # trl would say True even on a CPU
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
+        if self.stage == STAGE_CONTEXT_HEAD:
+            # GRPO's generation-batch bookkeeping is unused in stage 1; satisfy its divisibility checks.
+            self.generation_batch_size, self.steps_per_generation = None, self.num_generations
+        reward = self.unified_reward()
+        if not reward.functions() and self.stage == STAGE_GRPO:
+            raise ValueError("every reward weight is 0: GRPO needs at least one reward")
+        self.reward_weights = reward.weights()
+        super().__post_init__()
+
+    def unified_reward(self) -> UnifiedReward:
+        return UnifiedReward(think_format=self.think_format_reward_weight, box_iou=self.box_iou_reward_weight,
+                             mask_iou=self.mask_iou_reward_weight, boundary_iou=self.boundary_iou_reward_weight,
+                             success=self.success_reward_weight, squared=self.squared_rewards)
+
+
+# ---------------------------------------------------------------------------------------------
+# Samples -> rows for trl
+# ---------------------------------------------------------------------------------------------
+def vlm_box(box, image_size: tuple[int, int], vlm_size: tuple[int, int]) -> list[float]:
+    """A box in source pixels (x1, y1, x2, y2) scaled per axis into the VLM-resized image's pixels."""
+    (height, width), (vlm_h, vlm_w) = image_size, vlm_size
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [x1 * vlm_w / width, y1 * vlm_h / height, x2 * vlm_w / width, y2 * vlm_h / height]
+
+
+def stage1_answer(expression: str, box_vlm: Sequence[float]) -> str:
+    """LENS's stage-1 teacher-forced answer: Qwen's grounding format with the GT box in VLM pixels.
+
+    ``<|object_ref_start|>{expr}.<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``; the
+    final period is added only when the expression lacks one.
+    """
+    x1, y1, x2, y2 = (int(round(v)) for v in box_vlm)
+    text = expression.strip()
+    text = text if text.endswith(".") else text + "."
+    return f"<|object_ref_start|>{text}<|object_ref_end|><|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
+
+
+def prompt_messages(expression: str, cot: bool = False) -> list[dict]:
+    """The LENS chat prompt in trl's conversational form (string contents; trl inserts the image
+    placeholder before the user text, which renders exactly as ``prompts.build_messages``)."""
+    return [{"role": "system", "content": prompts.SYSTEM_PROMPT},
+            {"role": "user", "content": prompts.user_prompt(expression, cot)}]
+
+
+def sample_to_row(sample, sample_id: int, cot: bool = False) -> dict:
+    """One ``Sample`` as one trl row. ``image`` is what the VLM sees (smart_resize + bicubic, as the
+    pipeline prepares it); ``source_image`` is the original, for SAM2 and the mask sizes."""
+    rgb = np.ascontiguousarray(sample.image)
+    height, width = rgb.shape[:2]
+    vlm_h, vlm_w = vlm_resize_shape(height, width)
+    source = Image.fromarray(rgb)
+    mask = None if sample.mask is None else np.asarray(sample.mask, dtype=bool)
+    if mask is not None and mask.shape != (height, width):
+        raise ValueError(f"{sample.source}: mask is {mask.shape[1]}x{mask.shape[0]}, image {width}x{height}")
+    return {
+        "sample_id": int(sample_id),
+        "prompt": prompt_messages(sample.expression, cot),
+        "image": source.resize((vlm_w, vlm_h), Image.BICUBIC),
+        "source_image": source,
+        "image_size": [height, width],
+        "expression": sample.expression,
+        "gt_box_vlm": None if sample.box is None else vlm_box(sample.box, (height, width), (vlm_h, vlm_w)),
+        "gt_masks": mask,
+        "success": sample.success,
+        "source": sample.source,
+    }
+
+
+def check_processor_keeps_size(processor, vlm_image: Image.Image) -> None:
+    """Fail when the processor would resize the already resized image again (its pixel bounds
+    differ from LENS's): the GT box would then not be in the pixels the VLM sees."""
+    patch = processor.image_processor.patch_size
+    grid = processor.image_processor(images=[vlm_image], return_tensors="pt")["image_grid_thw"][0].tolist()
+    if grid[1:] != [vlm_image.height // patch, vlm_image.width // patch]:
+        raise ValueError(f"the processor resizes a {vlm_image.width}x{vlm_image.height} image to "
+                         f"{grid[2] * patch}x{grid[1] * patch}: its min/max pixels differ from LENS's")
+
+
+def samples_to_rows(samples: Sequence, processor=None, cot: bool = False) -> list[dict]:
+    """Rows for trl (see ``sample_to_row``), all in memory. With ``processor``, each distinct image
+    size is checked to reach the VLM unresized (``check_processor_keeps_size``)."""
+    rows, checked = [], set()
+    for index, sample in enumerate(samples):
+        row = sample_to_row(sample, index, cot)
+        if processor is not None and row["image"].size not in checked:
+            check_processor_keeps_size(processor, row["image"])
+            checked.add(row["image"].size)
+        rows.append(row)
+    return rows
+
+
+def rows_dataset(samples: Sequence, processor=None, cot: bool = False):
+    """A ``datasets.Dataset`` (what trl requires) that builds each row from ``samples`` when it is read.
+
+    The Arrow table holds only the sample ids; images and masks stay in the sample sequence (lazy
+    data sets read them from disk), so RefCOCO-sized data sets cost no memory and no conversion, and
+    masks reach the rewards as bool numpy arrays rather than nested lists.
+    """
+    import datasets
+
+    if len(samples) == 0:
+        raise ValueError("no training samples")
+    if processor is not None:
+        check_processor_keeps_size(processor, sample_to_row(samples[0], 0, cot)["image"])
+
+    def build(batch: dict) -> dict:
+        rows = [sample_to_row(samples[int(i)], int(i), cot) for i in batch["sample_id"]]
+        return {key: [row[key] for row in rows] for key in rows[0]}
+
+    return datasets.Dataset.from_dict({"sample_id": list(range(len(samples)))}).with_transform(build)
+
+
+class SetEpochCallback(TrainerCallback):
+    """Calls ``samples.set_epoch(epoch)`` each epoch (RefDataset draws a new expression per ref)."""
+
+    def __init__(self, samples) -> None:
+        self.samples = samples
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.samples, "set_epoch"):
+            self.samples.set_epoch(int(state.epoch or 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask loss
+# ---------------------------------------------------------------------------------------------
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-mask Dice loss on sigmoid probabilities: 1 - (2|P.T| + s) / (|P| + |T| + s); shape (N,)."""
+    probs = logits.sigmoid().flatten(1)
+    targets = targets.flatten(1)
+    return 1 - (2 * (probs * targets).sum(-1) + smooth) / (probs.sum(-1) + targets.sum(-1) + smooth)
+
+
+def mask_loss(logits: torch.Tensor, targets: torch.Tensor, bce_weight: float = 1.0,
+              dice_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LENS's mask loss on (N, H, W) logits at the GT size: weighted BCE-with-logits (mean over pixels)
+    + Dice, each averaged over the N masks. Returns (total, bce, dice)."""
+    targets = targets.to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits.flatten(1), targets.flatten(1), reduction="none").mean(-1).mean()
+    dice = dice_loss(logits, targets).mean()
+    return bce_weight * bce + dice_weight * dice, bce, dice
+
+
+# ---------------------------------------------------------------------------------------------
+# The mask pass in training (LensPipeline.mask_logits on training inputs)
+# ---------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class RolloutImage(ImageSizes):
+    """One image of a batch, shared by all rows (completions) about it."""
+
+    rgb: np.ndarray
+    vlm_image: Image.Image
+    gt_mask: np.ndarray | None
+    sam_backbone: dict | None = None  # SAM2's frozen image-encoder output, computed once, no grad
+
+
+def rollout_images(rows: list[dict]) -> list[RolloutImage]:
+    """One ``RolloutImage`` per row, the same object for rows of the same sample."""
+    by_sample: dict[int, RolloutImage] = {}
+    images = []
+    for row in rows:
+        image = by_sample.get(row["sample_id"])
+        if image is None:
+            image = RolloutImage(rgb=np.asarray(row["source_image"].convert("RGB")), vlm_image=row["image"],
+                                 gt_mask=row.get("gt_masks"))
+            by_sample[row["sample_id"]] = image
+        images.append(image)
+    return images
+
+
+def groups_by_image(images: Sequence[RolloutImage]) -> list[tuple[RolloutImage, list[int]]]:
+    """(image, indices of the rows about it), in first-seen order."""
+    groups: dict[int, tuple[RolloutImage, list[int]]] = {}
+    for index, image in enumerate(images):
+        groups.setdefault(id(image), (image, []))[1].append(index)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def sam_image_backbone(lens, image: RolloutImage) -> dict:
+    """SAM2's image-encoder output for ``image`` (frozen encoder: computed once, without gradients)."""
+    if image.sam_backbone is None:
+        sam = lens.sam
+        pixels = sam_pixels(image.rgb, sam_input_size(sam)).to(lens.learnable_query.device, sam.no_mem_embed.dtype)
+        image.sam_backbone = sam.image_encoder(pixels)
+    return image.sam_backbone
+
+
+def repeat_vision_features(features, count: int):
+    """The vision tower output of one image, repeated for ``count`` sequences of a batch."""
+    return SimpleNamespace(pooler_output=tuple(features.pooler_output) * count)
+
+
+def batch_mask_logits(pipeline: LensPipeline, image: RolloutImage, sequences: torch.Tensor, pixel_values: torch.Tensor,
+                      image_grid_thw: torch.Tensor) -> torch.Tensor:
+    """Mask logits (N, H, W) at the source size for N prompt + answer sequences about one image.
+
+    Runs under the caller's grad mode: the vision tower, the mask pass, the context head and SAM2's
+    decoder (with ``conv_s0``/``conv_s1``) record gradients when enabled; the image encoder never does.
+    Padding (pad ids, either side) gets attention 0, as in the pipeline.
+    """
+    lens = pipeline.model
+    features = lens.image_features(pixel_values, image_grid_thw)
+    embedding = embed_backbone(lens.sam, sam_image_backbone(lens, image), lens.sam.no_mem_embed.dtype)
+    prepared = PreparedImage(rgb=image.rgb, fingerprint="", vlm_image=image.vlm_image, sam_embedding=embedding,
+                             preprocess_ms=0.0, image_encoder_ms=0.0,
+                             vision_features=repeat_vision_features(features, sequences.shape[0]))
+    with warnings.catch_warnings():  # mask_logits reads SAM2's IoU score as a float: harmless with gradients on
+        warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+        logits, _ = pipeline.mask_logits(prepared, sequences)
+    return logits[:, 0]
+
+
+def pad_right(sequences: list[list[int]], pad_id: int, device) -> torch.Tensor:
+    length = max(len(s) for s in sequences)
+    return torch.tensor([list(s) + [pad_id] * (length - len(s)) for s in sequences], dtype=torch.long, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which parameters train
+# ---------------------------------------------------------------------------------------------
+class LensTrainables(nn.Module):
+    """The context head and SAM2 of a ``LensModel`` (the same parameter objects), to be registered
+    inside the VLM so that the trainer treats them as part of the model it optimises."""
+
+    def __init__(self, lens) -> None:
+        super().__init__()
+        self.learnable_query = lens.learnable_query
+        for name in CONTEXT_HEAD_MODULES:
+            if hasattr(lens, name):
+                setattr(self, name, getattr(lens, name))
+        self.sam = lens.sam
+
+
+def context_head_parameters(lens) -> list[nn.Parameter]:
+    params = [lens.learnable_query]
+    for name in CONTEXT_HEAD_MODULES:
+        if hasattr(lens, name):
+            params += list(getattr(lens, name).parameters())
+    return params
+
+
+def set_trainable(lens, stage: int, vlm_trainable: bool = True) -> None:
+    """Stage 1: the context head only. Stage 2: the VLM (unless LoRA handles it), the context head,
+    SAM2's prompt encoder and mask decoder. SAM2's image encoder (and its other parts) never."""
+    lens.requires_grad_(False)
+    if stage == STAGE_GRPO:
+        with trainables_detached(lens.vlm):  # the VLM's own weights only
+            lens.vlm.requires_grad_(vlm_trainable)
+    for param in context_head_parameters(lens):
+        param.requires_grad_(True)
+    if stage == STAGE_GRPO:
+        lens.sam.sam_prompt_encoder.requires_grad_(True)
+        lens.sam.sam_mask_decoder.requires_grad_(True)
+    lens.sam.image_encoder.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def trainables_detached(vlm: nn.Module):
+    """The VLM without the ``lens_trainables`` submodule, e.g. while a checkpoint is written."""
+    trainables = vlm._modules.pop(TRAINABLES_NAME, None)
+    try:
+        yield vlm
+    finally:
+        if trainables is not None:
+            vlm._modules[TRAINABLES_NAME] = trainables
+
+
+def lora_config(config: LensTrainingConfig):
+    from peft import LoraConfig
+
+    # A regex (full match): the named projections of the language model's layers, nothing else.
+    targets = "|".join(sorted(set(config.lora_target_modules)))
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, bias="none",
+                      target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})")
+
+
+def _write_checkpoint(lens, processor, args, output_dir) -> Path:
+    path = save_lens_checkpoint(lens, processor, output_dir)
+    torch.save(args, os.path.join(output_dir, "training_args.bin"))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 2: GRPO + mask loss
+# ---------------------------------------------------------------------------------------------
+class LensGRPOTrainer(GRPOTrainer):
+    """LENS stage 2 on trl's GRPOTrainer (see the module docstring for what is overridden and why).
+
+    Args:
+        lens: a ``LensModel`` (e.g. from ``load_lens_model``), trained in place.
+        processor: its processor.
+        args: a ``LensTrainingConfig`` with ``stage=2``.
+        train_dataset: rows as ``rows_dataset`` makes them.
+    """
+
+    def __init__(self, lens, processor, args: LensTrainingConfig, train_dataset, eval_dataset=None,
+                 callbacks=None, reward_funcs=None) -> None:
+        """``reward_funcs`` (with ``args.reward_weights``) replaces the config's unified reward, as
+        trl's own argument does: for experiments and tests."""
+        if args.stage != STAGE_GRPO:
+            raise ValueError(f"LensGRPOTrainer runs stage 2; got stage={args.stage}")
+        self.lens = lens
+        self.mask_pipeline = LensPipeline(lens, processor, PipelineConfig(model="training", cot=args.cot))
+        self._rollout_prompt_ids: list[list[int]] | None = None
+        set_trainable(lens, STAGE_GRPO, vlm_trainable=not args.use_lora)
+        lens.train()
+        vlm = lens.vlm
+        # trl would build the KL reference by loading the model by name, which a LENS checkpoint is not:
+        # copy the VLM now (before LoRA and the extra submodule) and let trl believe beta is 0 meanwhile.
+        reference = None
+        if args.beta != 0.0 and not args.use_lora:
+            reference = copy.deepcopy(vlm).eval().requires_grad_(False)
+        vlm.add_module(TRAINABLES_NAME, LensTrainables(lens))
+        beta, args.beta = args.beta, 0.0
+        try:
+            super().__init__(model=vlm, reward_funcs=reward_funcs or args.unified_reward().functions(), args=args,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=processor,
+                             callbacks=callbacks, peft_config=lora_config(args) if args.use_lora else None)
+        finally:
+            args.beta = beta
+        self.beta = beta
+        if reference is not None:
+            self.ref_model = self._prepare_reference(reference)
+        if args.use_lora:  # PEFT froze every base parameter, ours included
+            set_trainable(lens, STAGE_GRPO, vlm_trainable=False)
+            for name, param in self.model.named_parameters():
+                if "lora_" in name:
+                    param.requires_grad_(True)
+
+    def _prepare_reference(self, reference: nn.Module) -> nn.Module:
+        from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model
+
+        if self.args.disable_dropout:
+            disable_dropout_in_model(reference)
+        add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        return self.accelerator.prepare_model(reference, evaluation_mode=True)
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def _generate(self, prompts: list):
+        result = super()._generate(prompts)
+        self._rollout_prompt_ids = result[0]  # un-padded prompt ids, one list per completion
+        return result
+
+    def _generate_and_score_completions(self, inputs):
+        images = rollout_images(inputs)
+        inputs = [{**row, "lens_image": image} for row, image in zip(inputs, images)]
+        output = super()._generate_and_score_completions(inputs)
+        # A list travels with trl's shuffling and splitting of the generation batch, row for row.
+        output["lens_images"] = images
+        return output
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        pred_masks = self._rollout_masks(inputs, completions, completion_ids_list)
+        inputs = [{**row, "pred_masks": mask} for row, mask in zip(inputs, pred_masks)]
+        return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+
+    @torch.no_grad()
+    def _rollout_masks(self, inputs, completions, completion_ids_list) -> list[np.ndarray | None]:
+        """Each completion's own mask (bool, source size), None when its answer has no usable box
+        (the pipeline's ``found``)."""
+        masks: list[np.ndarray | None] = [None] * len(inputs)
+        pad_id = self.processing_class.tokenizer.pad_token_id
+        device = self.accelerator.device
+        for image, indices in groups_by_image([row["lens_image"] for row in inputs]):
+            found = [i for i in indices if prompts.parse_answer(
+                completion_text(completions[i]), vlm_size=image.vlm_size, image_size=image.size).found]
+            if not found:
+                continue
+            sequences = pad_right([list(self._rollout_prompt_ids[i]) + list(completion_ids_list[i]) for i in found],
+                                  pad_id, device)
+            vision = self.processing_class.image_processor(images=[image.vlm_image], return_tensors="pt")
+            with self.accelerator.autocast():
+                logits = batch_mask_logits(self.mask_pipeline, image, sequences, vision["pixel_values"].to(device),
+                                           vision["image_grid_thw"].to(device))
+            for i, mask in zip(found, (logits > 0).cpu().numpy()):
+                masks[i] = mask
+        return masks
+
+    # -- loss -----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.args.mask_loss_weight == 0.0:
+            return loss
+        mode = "train" if self.model.training else "eval"
+        total, bce, dice = self._rollout_mask_loss(inputs)
+        if total is None:
+            return loss
+        self._metrics[mode]["mask_loss"].append(total.item())
+        self._metrics[mode]["mask_bce"].append(bce.item())
+        self._metrics[mode]["mask_dice"].append(dice.item())
+        # trl divides its loss by the accumulation steps itself; the mask loss must follow suit.
+        normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        return loss + self.args.mask_loss_weight * total / normalizer
+
+    def _rollout_mask_loss(self, inputs):
+        """Mean mask loss over the completions of this slice that have a GT mask, with gradients."""
+        images = inputs["lens_images"]
+        if all(image.gt_mask is None for image in images):
+            return None, None, None
+        sequences = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        grids = inputs["image_grid_thw"]
+        pixel_chunks = torch.split(inputs["pixel_values"], grids.prod(-1).tolist())  # one image per completion
+        logits, targets = [], []
+        with self.accelerator.autocast():
+            for image, indices in groups_by_image(images):
+                if image.gt_mask is None:
+                    continue
+                first = indices[0]
+                logits.append(batch_mask_logits(self.mask_pipeline, image, sequences[indices], pixel_chunks[first],
+                                                grids[first:first + 1]))
+                target = torch.from_numpy(image.gt_mask).to(logits[-1].device)
+                targets.append(target.expand(len(indices), -1, -1))
+        total, bce, dice = (torch.zeros((), device=sequences.device) for _ in range(3))
+        count = 0
+        for group_logits, group_targets in zip(logits, targets):  # sizes differ between images
+            n = group_logits.shape[0]
+            t, b, d = mask_loss(group_logits, group_targets, self.args.bce_weight, self.args.dice_weight)
+            total, bce, dice, count = total + t * n, bce + b.detach() * n, dice + d.detach() * n, count + n
+        return total / count, bce / count, dice / count
+
+    # -- saving ---------------------------------------------------------------------------------
+    def _is_peft(self) -> bool:
+        from peft import PeftModel
+
+        return isinstance(self.accelerator.unwrap_model(self.model), PeftModel)
+
+    @contextlib.contextmanager
+    def _lens_for_saving(self):
+        """The LensModel as LENS's layout wants it: no extra submodule, LoRA merged (into a copy)."""
+        vlm = self.lens.vlm
+        with trainables_detached(vlm):
+            if not self._is_peft():
+                yield self.lens
+                return
+            merged = copy.deepcopy(self.accelerator.unwrap_model(self.model)).merge_and_unload()
+            self.lens.vlm = merged
+            try:
+                yield self.lens
+            finally:
+                self.lens.vlm = vlm
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        with self._lens_for_saving() as lens:
+            _write_checkpoint(lens, self.processing_class, self.args, output_dir)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        pass  # trl's card describes a transformers model; a LENS checkpoint is not one
+
+    def save_final(self) -> Path:
+        """Write ``<output_dir>/final`` and end training: LoRA is merged into the weights in place and
+        the extra submodule removed, so ``self.lens`` is a plain ``LensModel`` again."""
+        final = Path(self.args.output_dir) / FINAL_DIR
+        if self._is_peft():
+            merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
+            if merged is not self.lens.vlm:
+                raise RuntimeError("merging LoRA did not give back the LensModel's VLM")
+            self.model = merged
+        self.lens.vlm._modules.pop(TRAINABLES_NAME, None)
+        if self.args.should_save:
+            _write_checkpoint(self.lens, self.processing_class, self.args, final)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: context head, GT box teacher-forced
+# ---------------------------------------------------------------------------------------------
+class ContextHeadObjective(nn.Module):
+    """Stage 1 as a module ``Trainer`` can train: ``forward(rows)`` returns the mask loss of the
+    teacher-forced answers. The VLM and SAM2 are frozen; gradients reach the queries through the
+    frozen language model."""
+
+    def __init__(self, lens, processor, config: LensTrainingConfig) -> None:
+        super().__init__()
+        self.lens = lens
+        self.pipeline = LensPipeline(lens, processor, PipelineConfig(model="training", cot=config.cot))
+        self.bce_weight, self.dice_weight = config.bce_weight, config.dice_weight
+        self.last_terms: dict[str, float] = {}
+
+    @property
+    def config(self):
+        return self.lens.config
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self.lens.vlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.lens.vlm.gradient_checkpointing_disable()
+
+    def teacher_forced_logits(self, row: dict) -> torch.Tensor:
+        """Mask logits (1, H, W) for the row's prompt + its GT-box answer."""
+        image = RolloutImage(rgb=np.asarray(row["source_image"].convert("RGB")), vlm_image=row["image"],
+                             gt_mask=row["gt_masks"])
+        lens = self.lens
+        embedding = embed_backbone(lens.sam, sam_image_backbone(lens, image), lens.sam.no_mem_embed.dtype)
+        prepared = PreparedImage(rgb=image.rgb, fingerprint="", vlm_image=image.vlm_image, sam_embedding=embedding,
+                                 preprocess_ms=0.0, image_encoder_ms=0.0)
+        inputs = self.pipeline._prompt_inputs(prepared, row["expression"])
+        # The answer as LensPipeline.answer_mask_logits appends it (that method runs in inference mode).
+        tokenizer = self.pipeline.processor.tokenizer
+        answer = stage1_answer(row["expression"], row["gt_box_vlm"]) + (tokenizer.eos_token or "")
+        answer_ids = tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        sequence = torch.cat([inputs["input_ids"], answer_ids.to(inputs["input_ids"].device)], dim=1)
+        prepared.vision_features = lens.image_features(inputs["pixel_values"], inputs["image_grid_thw"])  # frozen
+        with warnings.catch_warnings():  # see batch_mask_logits
+            warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar")
+            logits, _ = self.pipeline.mask_logits(prepared, sequence)
+        return logits[:, 0]
+
+    def forward(self, rows: list[dict]) -> dict:
+        usable = [row for row in rows if row["gt_masks"] is not None and row["gt_box_vlm"] is not None]
+        if not usable:
+            raise ValueError("stage 1 needs samples with both a GT box and a GT mask; this batch has none")
+        totals, bces, dices = [], [], []
+        for row in usable:  # images differ in size: one sequence at a time
+            logits = self.teacher_forced_logits(row)
+            target = torch.from_numpy(row["gt_masks"]).to(logits.device)[None]
+            total, bce, dice = mask_loss(logits, target, self.bce_weight, self.dice_weight)
+            totals.append(total), bces.append(bce.detach()), dices.append(dice.detach())
+        self.last_terms = {"mask_bce": float(torch.stack(bces).mean()), "mask_dice": float(torch.stack(dices).mean())}
+        return {"loss": torch.stack(totals).mean()}
+
+
+class LensStage1Trainer(Trainer):
+    """LENS stage 1: ``transformers.Trainer`` on ``ContextHeadObjective``; checkpoints in LENS's layout."""
+
+    def __init__(self, lens, processor, args: LensTrainingConfig, train_dataset, callbacks=None) -> None:
+        if args.stage != STAGE_CONTEXT_HEAD:
+            raise ValueError(f"LensStage1Trainer runs stage 1; got stage={args.stage}")
+        self.lens = lens
+        self.lens_processor = processor
+        set_trainable(lens, STAGE_CONTEXT_HEAD)
+        lens.train()
+        self._term_history: dict[str, list[float]] = defaultdict(list)
+        super().__init__(model=ContextHeadObjective(lens, processor, args), args=args, train_dataset=train_dataset,
+                         data_collator=lambda rows: {"rows": rows}, callbacks=callbacks)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        for key, value in self.accelerator.unwrap_model(model).last_terms.items():
+            self._term_history[key].append(value)
+        return loss
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: attach the loss terms since the last one
+            logs["mask_loss"] = logs["loss"]
+            for key, values in self._term_history.items():
+                if values:
+                    logs[key] = sum(values) / len(values)
+            self._term_history.clear()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            _write_checkpoint(self.lens, self.lens_processor, self.args, output_dir)
+
+    def save_final(self) -> Path:
+        final = Path(self.args.output_dir) / FINAL_DIR
+        if self.args.should_save:
+            _write_checkpoint(self.lens, self.lens_processor, self.args, final)
+        return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Curves
+# ---------------------------------------------------------------------------------------------
+CURVE_KEYS = ("loss", "reward", "rewards/box_iou_reward/mean", "rewards/mask_iou_reward/mean",
+              "rewards/think_format_reward/mean", "rewards/success_reward/mean", "mask_loss", "mask_bce", "mask_dice",
+              "kl", "completions/mean_length", "learning_rate")
+
+
+def curve_series(log_history: list[dict], keys: Sequence[str] = CURVE_KEYS) -> dict[str, tuple[list, list]]:
+    """(steps, values) per key present in the trainer's log history (finite values only)."""
+    series = {}
+    for key in keys:
+        points = [(entry["step"], float(entry[key])) for entry in log_history
+                  if isinstance(entry.get(key), (int, float)) and math.isfinite(float(entry[key])) and "step" in entry]
+        if points:
+            series[key] = ([p[0] for p in points], [p[1] for p in points])
+    return series
+
+
+def plot_training_curves(log_history: list[dict], path: str | os.PathLike,
+                         keys: Sequence[str] = CURVE_KEYS) -> Path | None:
+    """A PNG with one panel per logged quantity (OpenCV drawing: matplotlib is not a dependency).
+    Returns the path, or None when nothing was logged."""
+    import cv2
+
+    series = curve_series(log_history, keys)
+    if not series:
+        return None
+    panel_w, panel_h, margin, cols = 420, 220, 40, 3
+    rows = math.ceil(len(series) / cols)
+    canvas = np.full((rows * panel_h, cols * panel_w, 3), 255, np.uint8)
+    for index, (key, (steps, values)) in enumerate(series.items()):
+        x0, y0 = (index % cols) * panel_w, (index // cols) * panel_h
+        left, top, right, bottom = x0 + margin + 20, y0 + margin, x0 + panel_w - 15, y0 + panel_h - margin
+        cv2.rectangle(canvas, (left, top), (right, bottom), (200, 200, 200), 1)
+        lo, hi = min(values), max(values)
+        span, step_span = (hi - lo) or 1.0, (max(steps) - min(steps)) or 1
+        points = np.array([[left + (s - min(steps)) / step_span * (right - left),
+                            bottom - (v - lo) / span * (bottom - top)] for s, v in zip(steps, values)], np.int32)
+        cv2.polylines(canvas, [points.reshape(-1, 1, 2)], False, (180, 80, 20), 2, cv2.LINE_AA)
+        for point in points if len(points) <= 30 else ():
+            cv2.circle(canvas, tuple(int(c) for c in point), 3, (180, 80, 20), -1, cv2.LINE_AA)
+        cv2.putText(canvas, key, (x0 + 10, y0 + 22), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(canvas, f"{hi:.4g}", (x0 + 4, top + 10), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (90, 90, 90), 1)
+        cv2.putText(canvas, f"{lo:.4g}", (x0 + 4, bottom), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (90, 90, 90), 1)
+        cv2.putText(canvas, f"step {min(steps)}..{max(steps)}", (left, bottom + 18), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                    (90, 90, 90), 1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), canvas):
+        raise OSError(f"cannot write {path}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# One call: load, train, save
+# ---------------------------------------------------------------------------------------------
+def build_trainer(config: LensTrainingConfig, lens, processor, samples: Sequence):
+    """The stage's trainer on ``samples`` (a Sequence[Sample])."""
+    dataset = rows_dataset(samples, processor, cot=config.cot)
+    callbacks = [SetEpochCallback(samples)]
+    if config.stage == STAGE_CONTEXT_HEAD:
+        return LensStage1Trainer(lens, processor, config, dataset, callbacks=callbacks)
+    return LensGRPOTrainer(lens, processor, config, dataset, callbacks=callbacks)
+
+
+def train_lens(config: LensTrainingConfig, model_source: str, samples: Sequence, allow_download: bool = False) -> Path:
+    """Load ``model_source``, train it on ``samples`` as ``config`` says, write ``<output_dir>/final``
+    (plus ``log_history.json`` and, with ``plot_curves``, ``training_curves.png``); return the final path."""
+    from lens_ros.model.checkpoint import load_lens_model
+
+    lens, processor = load_lens_model(model_source, device="cpu", dtype="float32", allow_download=allow_download)
+    trainer = build_trainer(config, lens, processor, samples)
+    trainer.train()
+    final = trainer.save_final()
+    if trainer.args.should_save:
+        output = Path(config.output_dir)
+        (output / LOG_HISTORY_FILE).write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        if config.plot_curves:
+            plot_training_curves(trainer.state.log_history, output / CURVES_FILE)
+    return final

@@ -1,0 +1,263 @@
+"""LENS training on the tiny model: GRPO + mask loss (stage 2), stage 1, LoRA, saving, lens-train."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lens_ros import prompts
+from lens_ros.model.checkpoint import load_lens_model
+from lens_ros.pipeline import LensPipeline, PipelineConfig, PreparedImage, vlm_resize_shape
+from lens_ros.training.data import RefDataset, Sample
+from lens_ros.training.synthetic import make_synthetic_refer
+from lens_ros.training.trainer import (
+    LensTrainingConfig,
+    batch_mask_logits,
+    build_trainer,
+    mask_loss,
+    samples_to_rows,
+    stage1_answer,
+)
+
+# Small everything: 2 generations of at most 16 tokens, 80x64 images.
+FAST = dict(num_generations=2, per_device_train_batch_size=2, max_completion_length=16, logging_steps=1,
+            save_strategy="no", gradient_checkpointing=False, report_to="none", learning_rate=1e-3, seed=0)
+ANSWER = "[2, 3, 40, 30]"
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = make_synthetic_refer(tmp_path_factory.mktemp("synthetic"), n_images=6, size=(80, 64), seed=0)
+    return RefDataset(root, dataset="synthetic", split_by="unc", split="train", sentences="random")
+
+
+def fresh_model(checkpoint):
+    return load_lens_model(str(checkpoint))
+
+
+def answer_bias(processor, answer=ANSWER):
+    """generation_kwargs that make sampling write ``answer`` (transformers' sequence_bias), so that
+    rollouts hold a box and the reward-side mask pass runs."""
+    tok = processor.tokenizer
+    start = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    tokens = start + tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    return {"sequence_bias": [[tokens[:i], 100.0] for i in range(len(start) + 1, len(tokens) + 1)]}
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_keys(before, model):
+    after = model.state_dict()
+    assert set(after) == set(before)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def prefixed(keys, prefix):
+    return {k for k in keys if k.startswith(prefix)}
+
+
+HEAD = ("learnable_query", "connector.", "conv_1d.", "proj_to_sam.")
+
+
+def test_grpo_two_steps_train_vlm_head_sam_decoder_not_encoder_and_final_loads(tiny_checkpoint, samples, tmp_path):
+    lens, processor = fresh_model(tiny_checkpoint)
+    before = snapshot(lens)
+    config = LensTrainingConfig(output_dir=str(tmp_path / "run"), max_steps=2, beta=0.04,
+                                generation_kwargs=answer_bias(processor), **FAST)
+    trainer = build_trainer(config, lens, processor, samples)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "mask_loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["mask_loss"] > 0 and {"kl", "rewards/mask_iou_reward/mean", "rewards/box_iou_reward/mean",
+                                           "completions/mean_length", "mask_bce", "mask_dice"} <= set(entry)
+    final = trainer.save_final()
+    changed = changed_keys(before, lens)
+
+    assert prefixed(changed, "vlm.model.language_model.") and prefixed(changed, "vlm.model.visual.")
+    for prefix in HEAD:
+        assert prefixed(changed, prefix), prefix
+    assert prefixed(changed, "sam.sam_prompt_encoder.") and prefixed(changed, "sam.sam_mask_decoder.")
+    assert prefixed(changed, "sam.sam_mask_decoder.conv_s0.")  # the decoder's part of the image path
+    assert not prefixed(changed, "sam.image_encoder.")
+    sam_changed = prefixed(changed, "sam.")
+    assert sam_changed <= prefixed(changed, "sam.sam_prompt_encoder.") | prefixed(changed, "sam.sam_mask_decoder.")
+
+    pipeline = LensPipeline.from_config(PipelineConfig(model=str(final), max_new_tokens=8))
+    result = pipeline.segment(samples[0].image, samples[0].expression)
+    assert result.error == "" and result.mask.shape == samples[0].image.shape[:2]
+    saved = pipeline.model.state_dict()
+    assert torch.equal(saved["learnable_query"], lens.learnable_query.detach())
+    assert torch.equal(saved["sam.sam_mask_decoder.conv_s0.weight"], lens.sam.sam_mask_decoder.conv_s0.weight)
+
+
+def test_rollout_masks_are_the_loss_pass_masks_and_prompts_are_the_pipelines(tiny_checkpoint, samples, tmp_path):
+    lens, processor = fresh_model(tiny_checkpoint)
+    config = LensTrainingConfig(output_dir=str(tmp_path / "run"), max_steps=1,
+                                generation_kwargs=answer_bias(processor), **FAST)
+    trainer = build_trainer(config, lens, processor, samples)
+    seen = {}
+    calculate = trainer._calculate_rewards
+
+    def spy(inputs, prompts_, completions, completion_ids):
+        seen["masks"] = trainer._rollout_masks(inputs, completions, completion_ids)
+        seen["row"], seen["prompt_ids"] = inputs[0], trainer._rollout_prompt_ids[0]
+        return calculate(inputs, prompts_, completions, completion_ids)
+
+    trainer._calculate_rewards = spy
+    output = trainer._generate_and_score_completions([trainer.train_dataset[0]] * 2)
+
+    row = seen["row"]
+    prepared = PreparedImage(rgb=np.asarray(row["source_image"]), fingerprint="", vlm_image=row["image"],
+                             sam_embedding=None, preprocess_ms=0.0, image_encoder_ms=0.0)
+    pipeline_ids = trainer.mask_pipeline._prompt_inputs(prepared, row["expression"])["input_ids"][0].tolist()
+    assert list(seen["prompt_ids"]) == pipeline_ids
+    assert all(m is not None and m.shape == samples[0].image.shape[:2] for m in seen["masks"])
+    with torch.no_grad():  # the loss's pass (left-padded prompts, trl's tensors) gives the same masks
+        sequences = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        grids = output["image_grid_thw"]
+        logits = batch_mask_logits(trainer.mask_pipeline, output["lens_images"][0], sequences,
+                                   output["pixel_values"][:int(grids[0].prod())], grids[:1])
+    for i in range(2):
+        assert np.array_equal((logits[i] > 0).numpy(), seen["masks"][i])
+
+
+def test_stage1_step_changes_only_the_context_head(tiny_checkpoint, samples, tmp_path):
+    lens, processor = fresh_model(tiny_checkpoint)
+    before = snapshot(lens)
+    config = LensTrainingConfig(output_dir=str(tmp_path / "run"), stage=1, max_steps=1,
+                                **{**FAST, "per_device_train_batch_size": 1})
+    trainer = build_trainer(config, lens, processor, samples)
+    trainer.train()
+    assert trainer.state.log_history[0]["mask_loss"] > 0
+    changed = changed_keys(before, lens)
+    assert changed and all(k.startswith(HEAD) for k in changed)
+    for prefix in HEAD:
+        assert prefixed(changed, prefix), prefix
+    final = trainer.save_final()
+    assert (final / "config.json").is_file()
+
+
+def test_lora_trains_the_language_model_only_and_saves_merged(tiny_checkpoint, samples, tmp_path):
+    lens, processor = fresh_model(tiny_checkpoint)
+    before = snapshot(lens)
+    config = LensTrainingConfig(output_dir=str(tmp_path / "run"), max_steps=1, use_lora=True, beta=0.04,
+                                **{**FAST, "learning_rate": 1e-2, "save_strategy": "steps", "save_steps": 1})
+    trainer = build_trainer(config, lens, processor, samples)
+    trainer.train()
+    final = trainer.save_final()
+    changed = changed_keys(before, lens)  # same keys: adapters merged and gone
+    vlm_changed = prefixed(changed, "vlm.")
+    assert vlm_changed and all(k.startswith("vlm.model.language_model.layers.") for k in vlm_changed)
+    assert prefixed(changed, "learnable_query") and prefixed(changed, "sam.sam_mask_decoder.")
+    for checkpoint in (tmp_path / "run" / "checkpoint-1", final):
+        model, _ = load_lens_model(str(checkpoint))
+        assert not any("lora" in k or "lens_trainables" in k for k in model.state_dict())
+    merged, _ = load_lens_model(str(final))
+    key = next(iter(sorted(vlm_changed)))
+    assert torch.equal(merged.state_dict()[key], lens.state_dict()[key])
+
+
+def test_lens_train_runs_the_tiny_smoke_recipe(tmp_path):
+    from lens_ros.training.cli import train_main
+
+    out = tmp_path / "smoke"
+    assert train_main(["--recipe", "training/tiny_smoke.yaml", "--set", f"output_dir={out}"]) == 0
+    assert (out / "final" / "model.safetensors").is_file() and (out / "training_curves.png").stat().st_size > 0
+    history = json.loads((out / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "mask_loss" in entry] == [1, 2]
+    model, _ = load_lens_model(str(out / "final"))
+    assert model.num_queries > 0
+
+
+def test_set_converts_types_and_rejects_unknown_keys(capsys):
+    from lens_ros.training.cli import apply_overrides, build_config, coerce, train_main
+
+    assert coerce("learning_rate", "3e-6") == 3e-6
+    assert coerce("max_steps", "4") == 4 and coerce("use_lora", "true") is True
+    assert coerce("lora_target_modules", "q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert coerce("report_to", "none") == "none" and coerce("save_strategy", "no") == "no"
+    recipe = apply_overrides({"model": "tiny", "data": "synthetic"}, ["output_dir=/tmp/x", "stage=1",
+                                                                       "learning_rate=3e-5"])
+    config, model, specs, _ = build_config(recipe)
+    assert (config.stage, config.learning_rate, model, specs) == (1, 3e-5, "tiny", ["synthetic"])
+    assert train_main(["--recipe", "training/tiny_smoke.yaml", "--set", "learning_rat=1"]) == 2
+    assert "unknown key" in capsys.readouterr().err
+    assert train_main(["--recipe", "training/tiny_smoke.yaml", "--set", "max_steps=two"]) == 2
+    assert "max_steps" in capsys.readouterr().err
+
+
+def test_rows_scale_the_box_like_smart_resize_and_the_stage1_answer_parses(tiny_model):
+    _, processor = tiny_model
+    mask = np.zeros((480, 640), bool)
+    mask[48:240, 64:320] = True
+    sample = Sample(image=np.zeros((480, 640, 3), np.uint8), expression="the mug", box=(64.0, 48.0, 320.0, 240.0),
+                    mask=mask, success=None, source="test")
+    row = samples_to_rows([sample], processor)[0]
+    vlm_h, vlm_w = vlm_resize_shape(480, 640)
+    assert row["image"].size == (vlm_w, vlm_h) == (644, 476)
+    assert row["gt_box_vlm"] == pytest.approx([64 * 644 / 640, 48 * 476 / 480, 320 * 644 / 640, 240 * 476 / 480])
+    assert row["gt_masks"] is not None and row["gt_masks"].sum() == mask.sum()
+    rendered = processor.apply_chat_template(prompts.build_messages("the mug"), tokenize=False,
+                                             add_generation_prompt=True)
+    from trl.data_utils import prepare_multimodal_messages
+
+    trl_messages = prepare_multimodal_messages(row["prompt"], images=[row["image"]])
+    assert processor.apply_chat_template(trl_messages, tokenize=False, add_generation_prompt=True) == rendered
+    answer = stage1_answer("the mug", row["gt_box_vlm"])
+    assert answer.startswith("<|object_ref_start|>the mug.<|object_ref_end|><|box_start|>(")
+    assert prompts.parse_box(answer) == (64.0, 48.0, 322.0, 238.0)
+
+
+def test_mask_loss_is_bce_plus_dice():
+    target = torch.zeros(1, 8, 8)
+    target[0, 2:6, 2:6] = 1
+    perfect = (target * 2 - 1) * 50
+    total, bce, dice = mask_loss(perfect, target)
+    assert total.item() == pytest.approx(0.0, abs=1e-6)
+    zero = torch.zeros(1, 8, 8)
+    total, bce, dice = mask_loss(zero, target, bce_weight=1.0, dice_weight=0.0)
+    assert bce.item() == pytest.approx(np.log(2)) and total.item() == pytest.approx(np.log(2))
+    assert dice.item() == pytest.approx(1 - (2 * 0.5 * 16 + 1) / (0.5 * 64 + 16 + 1))
+
+
+def test_episode_spec_names_the_loader_and_fails_clearly(monkeypatch, tmp_path):
+    from lens_ros.training import data
+    from lens_ros.training.cli import RecipeError, load_data_spec
+
+    with pytest.raises(FileNotFoundError, match="no episode bags"):
+        load_data_spec(f"episodes:{tmp_path / 'missing'}", tmp_path)
+    monkeypatch.delattr(data, "EpisodeDataset")
+    with pytest.raises(RecipeError, match="EpisodeDataset is not available"):
+        load_data_spec(f"episodes:{tmp_path}", tmp_path)
+    with pytest.raises(RecipeError, match="unknown kind"):
+        load_data_spec("coco:/data", tmp_path)
+
+
+def completion_length_reward(completions, **kwargs):
+    """A reward that differs between sampled completions (the tiny model's rewards from LENS's
+    terms are all 0: it never writes a box), so that GRPO's advantages are not zero."""
+    return [float(len(c if isinstance(c, str) else c[-1]["content"])) for c in completions]
+
+
+def test_the_grpo_term_alone_trains_the_language_model(tiny_checkpoint, samples, tmp_path):
+    """No KL, no mask loss: any change to the language model comes from the policy gradient."""
+    from lens_ros.training.trainer import LensGRPOTrainer, rows_dataset
+
+    lens, processor = fresh_model(tiny_checkpoint)
+    before = snapshot(lens)
+    config = LensTrainingConfig(output_dir=str(tmp_path / "run"), max_steps=1, beta=0.0, mask_loss_weight=0.0,
+                                **dict(FAST, num_generations=4, per_device_train_batch_size=4))
+    config.reward_weights = [1.0]
+    trainer = LensGRPOTrainer(lens, processor, config, rows_dataset(samples, processor),
+                              reward_funcs=[completion_length_reward])
+    trainer.train()
+    (entry,) = [e for e in trainer.state.log_history if "reward_std" in e]
+    assert entry["reward_std"] > 0 and entry["frac_reward_zero_std"] < 1
+    trainer.save_final()  # also detaches the trainer's helper submodule
+    changed = changed_keys(before, lens)
+    assert prefixed(changed, "vlm.model.language_model.") and prefixed(changed, "vlm.lm_head.")
+    assert not prefixed(changed, "sam.image_encoder.")
