@@ -56,6 +56,7 @@ setup(
             "lens-node=lens_ros.ros.node:main",
             "lens-make-synthetic=lens_ros.training.synthetic:main",
             "lens-train=lens_ros.training.cli:train_main",
+            "lens-eval=lens_ros.training.evaluate:eval_main",
         ],
     },
     zip_safe=False,

@@ -224,17 +224,18 @@ def test_mask_loss_is_bce_plus_dice():
     assert dice.item() == pytest.approx(1 - (2 * 0.5 * 16 + 1) / (0.5 * 64 + 16 + 1))
 
 
-def test_episode_spec_names_the_loader_and_fails_clearly(monkeypatch, tmp_path):
-    from lens_ros.training import data
-    from lens_ros.training.cli import RecipeError, load_data_spec
+def test_bad_data_specs_fail_clearly(tmp_path, capsys):
+    from lens_ros.training.cli import train_main
+    from lens_ros.training.specs import DataSpecError, load_data_spec
 
     with pytest.raises(FileNotFoundError, match="no episode bags"):
-        load_data_spec(f"episodes:{tmp_path / 'missing'}", tmp_path)
-    monkeypatch.delattr(data, "EpisodeDataset")
-    with pytest.raises(RecipeError, match="EpisodeDataset is not available"):
-        load_data_spec(f"episodes:{tmp_path}", tmp_path)
-    with pytest.raises(RecipeError, match="unknown kind"):
-        load_data_spec("coco:/data", tmp_path)
+        load_data_spec(f"episodes:{tmp_path / 'missing'}", training=True, work_dir=tmp_path)
+    with pytest.raises(DataSpecError, match="unknown kind 'coco'"):
+        load_data_spec("coco:/data", training=True, work_dir=tmp_path)
+    code = train_main(["--recipe", "training/tiny_smoke.yaml", "--set", f"output_dir={tmp_path / 'out'}",
+                       "--set", "data=coco:/data"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown kind 'coco'" in err and "Traceback" not in err
 
 
 def completion_length_reward(completions, **kwargs):

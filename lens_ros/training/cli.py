@@ -3,7 +3,7 @@
 A recipe is one flat YAML mapping (see ``training/*.yaml``):
 
 * ``model``: where training starts (``load_lens_model`` source: ``tiny``, a directory, ``OuyBin/LENS``);
-* ``data``: one data spec or a list of them (concatenated), see ``load_data``;
+* ``data``: one data spec or a list of them (concatenated), see ``lens_ros.training.specs``;
 * ``allow_download``: let ``model`` come from the Hugging Face hub (default false);
 * every other key is a ``LensTrainingConfig`` field (trl's ``GRPOConfig`` + LENS's own).
 
@@ -23,10 +23,11 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from lens_ros.training.specs import DataSpecError, load_data
+
 EXIT_USAGE = 2
 RECIPE_KEYS = {"model": str, "data": list, "allow_download": bool}
 DEFAULT_MODEL = "tiny"
-SYNTHETIC_DIR = "synthetic_data"
 
 
 class RecipeError(ValueError):
@@ -149,65 +150,6 @@ def build_config(recipe: dict):
     return config, model, [str(spec) for spec in data], allow_download
 
 
-# -- data -----------------------------------------------------------------------------------------
-def _parse_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise RecipeError(f"synthetic size must be WIDTHxHEIGHT, got {text!r}") from None
-    return width, height
-
-
-def load_data_spec(spec: str, output_dir: str | os.PathLike, seed: int = 0):
-    """One data spec -> a Sequence[Sample] for training.
-
-    * ``refer:ROOT[:DATASET[:SPLIT_BY[:SPLIT]]]``: RefCOCO-family (defaults refcoco, unc, train), one
-      random expression per ref and epoch (LENS §4);
-    * ``reasonseg:ROOT[:SPLIT]``: LISA's ReasonSeg (default split train);
-    * ``episodes:DIR``: robot episodes recorded by the node (``EpisodeDataset``), operator-labelled;
-    * ``synthetic[:N_IMAGES[:WxH]]``: the synthetic shapes data set, written into
-      ``<output_dir>/synthetic_data`` first (defaults 8 images, 80x64).
-
-    ``$VARS`` and ``~`` in paths are expanded.
-    """
-    from lens_ros.training import data
-
-    kind, _, rest = os.path.expanduser(os.path.expandvars(spec)).partition(":")
-    parts = rest.split(":") if rest else []
-    if kind == "refer":
-        if not parts:
-            raise RecipeError(f"data spec {spec!r}: refer needs a root, refer:ROOT[:DATASET[:SPLIT_BY[:SPLIT]]]")
-        root, dataset, split_by, split = (parts + ["refcoco", "unc", "train"][len(parts) - 1:])[:4]
-        return data.RefDataset(root, dataset=dataset, split_by=split_by, split=split, sentences="random", seed=seed)
-    if kind == "reasonseg":
-        if not parts:
-            raise RecipeError(f"data spec {spec!r}: reasonseg needs a root, reasonseg:ROOT[:SPLIT]")
-        return data.ReasonSegDataset(parts[0], split=parts[1] if len(parts) > 1 else "train")
-    if kind == "episodes":
-        if not parts:
-            raise RecipeError(f"data spec {spec!r}: episodes needs a directory, episodes:DIR")
-        episode_dataset = getattr(data, "EpisodeDataset", None)
-        if episode_dataset is None:
-            raise RecipeError("data spec episodes: lens_ros.training.data.EpisodeDataset is not available in this "
-                              "installation (the episode loader is missing)")
-        return episode_dataset(rest)
-    if kind == "synthetic":
-        from lens_ros.training.synthetic import make_synthetic_refer
-
-        n_images = int(parts[0]) if parts and parts[0] else 8
-        size = _parse_size(parts[1]) if len(parts) > 1 else (80, 64)
-        root = make_synthetic_refer(Path(output_dir) / SYNTHETIC_DIR, n_images=n_images, size=size, seed=seed)
-        return data.RefDataset(root, dataset="synthetic", split_by="unc", split="train", sentences="random", seed=seed)
-    raise RecipeError(f"data spec {spec!r}: unknown kind {kind!r} (refer, reasonseg, episodes, synthetic)")
-
-
-def load_data(specs: Sequence[str], output_dir, seed: int = 0):
-    from lens_ros.training.data import concat
-
-    datasets = [load_data_spec(spec, output_dir, seed) for spec in specs]
-    return datasets[0] if len(datasets) == 1 else concat(*datasets)
-
-
 # -- entry point ----------------------------------------------------------------------------------
 def train_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lens-train", description="Train LENS (stage 1, GRPO stage 2, LoRA "
@@ -219,10 +161,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = apply_overrides(read_recipe(args.recipe), args.overrides)
         config, model, specs, allow_download = build_config(recipe)
-        samples = load_data(specs, config.output_dir, seed=config.seed)
+        samples = load_data(specs, training=True, work_dir=config.output_dir, seed=config.seed)
         if len(samples) == 0:
             raise RecipeError(f"the data ({', '.join(specs)}) holds no samples")
-    except (RecipeError, FileNotFoundError) as exc:
+    except (RecipeError, DataSpecError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from lens_ros.model.checkpoint import ModelUnavailableError
