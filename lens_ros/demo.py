@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_demo(model: str, args, rgb, out: Path, cv2) -> int:
-    from rclpy.qos import qos_profile_sensor_data
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import CameraInfo, Image
     from std_msgs.msg import String
 
@@ -101,13 +101,16 @@ def run_demo(model: str, args, rgb, out: Path, cv2) -> int:
     from lens_ros.ros.conversions import image_to_array
     from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
 
+    # A reliable stream: on one busy machine best-effort 700 KB frames get dropped (their UDP
+    # fragments are), and the newest frame the node has can be too old to answer with.
     node = NodeProcess({"model": model, "device": args.device, "publish_overlay": True,
-                        "allow_download": False}, namespace=NAMESPACE)
+                        "allow_download": False, "image_qos": "reliable"}, namespace=NAMESPACE)
+    stream_qos = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE)
     print(f"started lens-node (log: {node.log_path})")
     peer = Peer()
     try:
-        image_pub = peer.node.create_publisher(Image, f"{NAMESPACE}/image", qos_profile_sensor_data)
-        info_pub = peer.node.create_publisher(CameraInfo, f"{NAMESPACE}/camera_info", qos_profile_sensor_data)
+        image_pub = peer.node.create_publisher(Image, f"{NAMESPACE}/image", stream_qos)
+        info_pub = peer.node.create_publisher(CameraInfo, f"{NAMESPACE}/camera_info", stream_qos)
         command_pub = peer.node.create_publisher(String, f"{NAMESPACE}/command", 10)
         answers = peer.subscribe(Segmentation, f"{NAMESPACE}/segmentation")
         overlays = peer.subscribe(Image, f"{NAMESPACE}/overlay")
