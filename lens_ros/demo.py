@@ -127,6 +127,9 @@ def run_demo(model: str, args, rgb, out: Path, cv2) -> int:
                 or not node.alive():
             print(f"error: lens-node did not become active; its log:\n{node.output()[-3000:]}", file=sys.stderr)
             return 1
+        # The stream reaches the node before the goal is sent (the first frames of a fresh DDS
+        # connection can take seconds to arrive on a busy machine).
+        peer.wait_for(lambda: int((state() or {}).get("frames_received", 0)) > 0, args.timeout)
         peer.wait_matched(command_pub)
         sent = time.monotonic()
         command_pub.publish(String(data=args.command))
