@@ -383,8 +383,10 @@ class _Footprint:
 
 def _candidates_on_footprint(flat, heights, frame: _Footprint, intrinsics: Intrinsics, config: GraspConfig,
                              notes: list[str], valid_fraction: float, approach_along_ray: bool,
-                             center_height=None, extra: str = "") -> tuple[list[GraspCandidate], str]:
-    region, origin, cell, in_blob = _footprint_raster(flat)
+                             center_height=None, extra: str = "",
+                             raster=None) -> tuple[list[GraspCandidate], str]:
+    """``raster``: ``_footprint_raster(flat)`` when the caller has already made it."""
+    region, origin, cell, in_blob = raster if raster is not None else _footprint_raster(flat)
     flat, heights = flat[in_blob], heights[in_blob]
     if flat.shape[0] < config.min_valid_points:
         return [], "too few object points form one footprint: 2-D regions only"
@@ -471,7 +473,8 @@ def _fallback_along_ray(points, intrinsics, config, notes, valid_fraction) -> tu
     origin = np.median(points, axis=0)
     flat = (points - origin) @ basis.T
     heights = (points - origin) @ normal
-    _, _, _, in_blob = _footprint_raster(flat)
+    raster = _footprint_raster(flat)
+    in_blob = raster[3]
     first_lo, first_hi = _extent(flat[in_blob, 0])
     second_lo, second_hi = _extent(flat[in_blob, 1])
     behind = 0.5 * min(first_hi - first_lo, second_hi - second_lo)  # half the narrower in-plane extent
@@ -479,7 +482,7 @@ def _fallback_along_ray(points, intrinsics, config, notes, valid_fraction) -> tu
            "width behind the surface")
     return _candidates_on_footprint(flat, heights, _Footprint(origin, basis, normal), intrinsics, config,
                                     notes, valid_fraction, approach_along_ray=True,
-                                    center_height=float(np.median(heights)) - behind, extra=why)
+                                    center_height=float(np.median(heights)) - behind, extra=why, raster=raster)
 
 
 def _footprint_raster(flat: np.ndarray):
