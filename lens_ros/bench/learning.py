@@ -56,6 +56,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lens_ros.training.evaluate import json_ready
+from lens_ros.training.synthetic import parse_size
+
 DEFAULT_OUT = "lens_learning_out"
 RESULT_JSON = "learning.json"
 CURVE_PNG = "learning_curve.png"
@@ -396,23 +399,6 @@ def plot_curve(points: list[dict], path: Path) -> Path | None:
     return plot_training_curves(entries, path, keys=[labels[k] for k in POINT_KEYS])
 
 
-def _json_ready(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lens_ros.bench.learning",
                                      description=__doc__.split("\n\n")[0],
@@ -420,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-time budget, evaluations included (20)")
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help=f"output folder (./{DEFAULT_OUT})")
     parser.add_argument("--images", type=int, default=2000, help="synthetic images, ~70%% train / 15%% val (2000)")
-    parser.add_argument("--size", type=_parse_size, default=(96, 96), help="synthetic image size WxH (96x96)")
+    parser.add_argument("--size", type=parse_size, default=(96, 96), help="synthetic image size WxH (96x96)")
     parser.add_argument("--expressions", choices=("simple", "all"), default="simple",
                         help="simple: 'the <kind>' / 'the <colour> shape|<kind>' only; all: the whole grammar")
     parser.add_argument("--val-samples", type=int, default=32, help="val samples per evaluation point (32)")
@@ -521,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stage2_overrides": {"recipe": "lens_stage2_refcoco.yaml", **STAGE2_OVERRIDES},
         "stages": stages, "before": before, "after": after, "curve": curve.points,
     }
-    (out / RESULT_JSON).write_text(json.dumps(_json_ready(document), indent=1) + "\n", encoding="utf-8")
+    (out / RESULT_JSON).write_text(json.dumps(json_ready(document), indent=1) + "\n", encoding="utf-8")
     png = plot_curve(curve.points, out / CURVE_PNG)
     print(f"wrote {out / RESULT_JSON} and {png}")
     return 0

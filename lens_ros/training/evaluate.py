@@ -132,14 +132,17 @@ def evaluate(pipeline, samples: Sequence[Sample], limit: int | None = None, prog
 
 
 # -- output ---------------------------------------------------------------------------------------
-def _json_ready(value):
-    """NaN / inf as null (JSON has no NaN; a metric no sample qualified for is 'not available')."""
+def json_ready(value):
+    """``value`` for ``json.dump``: NaN / inf as null (JSON has no NaN; a metric no sample qualified
+    for is 'not available'), paths as strings, dict keys as strings."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {key: _json_ready(item) for key, item in value.items()}
+        return {str(key): json_ready(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_ready(item) for item in value]
+        return [json_ready(item) for item in value]
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
@@ -150,7 +153,7 @@ def write_report(report: EvaluationReport, out_dir: str | os.PathLike) -> tuple[
     json_path = out / REPORT_JSON
     document = {"model": report.model, "data": report.data, "date": report.date, "settings": report.settings,
                 "summary": report.summary}
-    json_path.write_text(json.dumps(_json_ready(document), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps(json_ready(document), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     csv_path = out / SAMPLES_CSV
     with csv_path.open("w", newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)

@@ -15,6 +15,7 @@ expression, as the published figures count them. ``~`` and ``$VARS`` in paths ar
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,11 +35,12 @@ def _error(spec: str, problem: str) -> DataSpecError:
 
 
 def _size(spec: str, text: str) -> tuple[int, int]:
+    from lens_ros.training.synthetic import parse_size
+
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise _error(spec, f"size must be WIDTHxHEIGHT, got {text!r}") from None
-    return width, height
+        return parse_size(text)
+    except argparse.ArgumentTypeError as exc:
+        raise _error(spec, str(exc)) from None
 
 
 def load_data_spec(spec: str, *, training: bool, work_dir: str | os.PathLike = ".", seed: int = 0):

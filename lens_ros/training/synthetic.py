@@ -272,7 +272,8 @@ def make_synthetic_refer(root: str | Path, n_images: int = 60, size: tuple[int, 
     return root
 
 
-def _parse_size(text: str) -> tuple[int, int]:
+def parse_size(text: str) -> tuple[int, int]:
+    """``WIDTHxHEIGHT`` as (width, height); argparse's error type, so it also serves as an argparse ``type``."""
     try:
         width, height = (int(part) for part in text.lower().split("x"))
     except ValueError:
@@ -286,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("dir", type=Path, help="root folder (as for RefDataset); created if missing")
     parser.add_argument("--images", type=int, default=60, help="number of images (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--size", type=_parse_size, default=(320, 240), help="image size WxH (default 320x240)")
+    parser.add_argument("--size", type=parse_size, default=(320, 240), help="image size WxH (default 320x240)")
     args = parser.parse_args(argv)
     try:
         summary = _generate(args.dir, args.images, args.size, args.seed)
