@@ -517,7 +517,10 @@ class LensGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         images = rollout_images(inputs)
         inputs = [{**row, "lens_image": image} for row, image in zip(inputs, images)]
-        output = super()._generate_and_score_completions(inputs)
+        with warnings.catch_warnings():  # trl 1.16 reads a property transformers 5 deprecates, twice a step
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            output = super()._generate_and_score_completions(inputs)
         # A list travels with trl's shuffling and splitting of the generation batch, row for row.
         output["lens_images"] = images
         return output
