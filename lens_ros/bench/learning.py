@@ -36,9 +36,14 @@ mean mask IoU^2 reward, plus cIoU, gIoU, box accuracy and found rate from ``Segm
 It also reports the teacher-forced mask IoU (the mask from the GT-box answer, what stage 1 optimises),
 which isolates the mask head from the box the VLM writes.
 
+To read the figures, the run also scores answers that ignore the expression (``reference_points``): the
+median training box for every sample, the whole image, every shape of the image, one of its shapes at
+random. A model that segments shapes but does not ground the expression scores like "a random shape";
+only a model that uses the expression rises above both that and the constant box.
+
 Outputs in ``--out``: ``learning.json`` (settings, stage overrides, every evaluation point, the
-before/after figures, wall times), ``learning_curve.png`` (val metrics against wall time), the
-stage-2 ``training_curves.png`` and the final checkpoint.
+before/after figures, the reference points, wall times), ``learning_curve.png`` (val metrics against
+wall time), the stage-2 ``training_curves.png`` and the final checkpoint.
 """
 
 from __future__ import annotations
@@ -143,6 +148,65 @@ def load_splits(root: Path, expressions: str, val_limit: int | None):
     return train, [val[int(i)] for i in picks]
 
 
+# -- reference points -------------------------------------------------------------------------------
+# Pixels this far apart between their brightest and darkest channel are a drawn shape: the synthetic
+# colours span 120-210, the light textured background at most ~60.
+SHAPE_CHROMA = 80
+
+
+def _gt_box_vlm(sample) -> list[float]:
+    from lens_ros.pipeline import vlm_resize_shape
+    from lens_ros.training.trainer import vlm_box
+
+    height, width = sample.image.shape[:2]
+    return vlm_box(sample.box, (height, width), vlm_resize_shape(height, width))
+
+
+def shape_masks(image: np.ndarray) -> list[np.ndarray]:
+    """The drawn shapes of a synthetic image, one bool mask each (they never touch: ``GAP_PX``)."""
+    import cv2
+
+    chroma = image.max(axis=2).astype(np.int16) - image.min(axis=2)
+    count, labels = cv2.connectedComponents((chroma > SHAPE_CHROMA).astype(np.uint8), connectivity=8)
+    return [labels == label for label in range(1, count)]
+
+
+def reference_points(train: Sequence, val: Sequence, train_boxes: int = 300) -> dict:
+    """What answers that ignore the expression score on ``val``, so that a learning curve can be read:
+
+    - ``constant_box``: the median GT box of ``train_boxes`` training samples (VLM pixels) for every
+      sample (box IoU; its squared mean is the box reward it would earn);
+    - ``whole_image``: the whole image as the mask;
+    - ``all_shapes``: every drawn shape of the image as one mask (knows shapes, not which one);
+    - ``random_shape``: one drawn shape at random (the mean over the image's shapes): a model that
+      segments a shape but ignores the expression lands here; beating it needs grounding.
+    """
+    from lens_ros.training.metrics import box_iou, mask_iou
+
+    picks = np.linspace(0, len(train) - 1, min(train_boxes, len(train))).round().astype(int)
+    constant = np.median([_gt_box_vlm(train[int(i)]) for i in picks], axis=0)
+    box_ious = [box_iou(constant, _gt_box_vlm(sample)) for sample in val]
+    whole, every, one, one_reward = [], [], [], []
+    for sample in val:
+        shapes = shape_masks(sample.image)
+        per_shape = [mask_iou(shape, sample.mask) for shape in shapes] or [0.0]
+        whole.append(mask_iou(np.ones_like(sample.mask, dtype=bool), sample.mask))
+        every.append(mask_iou(np.logical_or.reduce(shapes), sample.mask) if shapes else 0.0)
+        one.append(float(np.mean(per_shape)))
+        one_reward.append(float(np.mean(np.square(per_shape))))
+
+    def mask_point(ious: list[float]) -> dict:
+        return {"mask_iou": float(np.mean(ious)), "mask_iou_reward": float(np.mean(np.square(ious)))}
+
+    return {
+        "constant_box": {"box": [round(float(v), 1) for v in constant], "box_iou": float(np.mean(box_ious)),
+                         "box_iou_reward": float(np.mean(np.square(box_ious)))},
+        "whole_image": mask_point(whole),
+        "all_shapes": mask_point(every),
+        "random_shape": {"mask_iou": float(np.mean(one)), "mask_iou_reward": float(np.mean(one_reward))},
+    }
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 class _Recording:
     """A pipeline that keeps every ``SegmentationResult`` it returns (the full answer text and mask),
@@ -168,25 +232,25 @@ def evaluate_point(lens, processor, val: list, max_new_tokens: int) -> dict:
     """One evaluation point on ``val`` (see the module docstring). The model's train/eval modes are restored."""
     import torch
 
-    from lens_ros.pipeline import LensPipeline, PipelineConfig, vlm_resize_shape
+    from lens_ros.pipeline import LensPipeline, PipelineConfig
     from lens_ros.training.evaluate import evaluate
     from lens_ros.training.metrics import mask_iou
     from lens_ros.training.rewards import box_iou_reward, mask_iou_reward
-    from lens_ros.training.trainer import stage1_answer, vlm_box
+    from lens_ros.training.trainer import stage1_answer
 
     modes = _module_modes(lens)
     lens.eval()
     start = time.monotonic()
     try:
         # A fresh pipeline: the old one's cached image embedding predates the last training steps.
-        pipeline = _Recording(LensPipeline(lens, processor, PipelineConfig(model="bench", max_new_tokens=max_new_tokens)))
+        config = PipelineConfig(model="bench", max_new_tokens=max_new_tokens)
+        pipeline = _Recording(LensPipeline(lens, processor, config))
         report = evaluate(pipeline, val, progress=False, data="synthetic val")
         if report.summary["errors"] or len(pipeline.results) != len(val):
             raise RuntimeError(f"evaluation errors: {[row['error'] for row in report.rows if row['error']]}")
         box_rewards, mask_rewards, teacher_forced = [], [], []
         for sample, result in zip(val, pipeline.results):
-            height, width = sample.image.shape[:2]
-            gt_box_vlm = vlm_box(sample.box, (height, width), vlm_resize_shape(height, width))
+            gt_box_vlm = _gt_box_vlm(sample)
             box_rewards += box_iou_reward([result.reasoning], gt_box_vlm=[gt_box_vlm])
             mask_rewards += mask_iou_reward([result.reasoning], pred_masks=[result.mask if result.found else None],
                                             gt_masks=[sample.mask])
@@ -409,7 +473,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=parse_size, default=(96, 96), help="synthetic image size WxH (96x96)")
     parser.add_argument("--expressions", choices=("simple", "all"), default="simple",
                         help="simple: 'the <kind>' / 'the <colour> shape|<kind>' only; all: the whole grammar")
-    parser.add_argument("--val-samples", type=int, default=32, help="val samples per evaluation point (32)")
+    parser.add_argument("--val-samples", type=int, default=96, help="val samples per evaluation point (96)")
     parser.add_argument("--evals", type=int, default=5, help="evaluation points besides before/after (5)")
     parser.add_argument("--split", default="0.6,0.1,0.3",
                         help="fractions of the training time for stages 0,1,2 (0.6,0.1,0.3); 0 skips a stage")
@@ -445,6 +509,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"torch threads {torch.get_num_threads()}, budget {args.minutes:g} min", flush=True)
 
     curve = Curve(lens, processor, val, args.max_new_tokens, wall_start)
+    references = reference_points(train, val)
+    print("reference points (answers that ignore the expression): "
+          + "; ".join(f"{name} " + ", ".join(f"{key} {value:.3f}" for key, value in point.items() if key != "box")
+                      for name, point in references.items()), flush=True)
     before = curve.evaluate("init", 0)
     # The first evaluation generates nothing (a random model stops at once); later ones write whole
     # answers and cost several times more. Reserve for the final one the longest seen, at least 4x this.
@@ -495,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nbefore -> after on {len(val)} synthetic val samples, {wall / 60:.1f} min wall time:")
     for key in POINT_KEYS:
         print(f"  {key:<26}{before[key]:>8.3f} -> {after[key]:.3f}")
+    print("  reference points: " + ", ".join(f"{name} {key} {value:.3f}" for name, point in references.items()
+                                            for key, value in point.items() if key != "box"))
     document = {
         "command": " ".join(["python -m lens_ros.bench.learning", *(argv if argv is not None else sys.argv[1:])]),
         "wall_s": round(wall, 1), "budget_min": args.minutes,
@@ -505,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stage0_format_warmup": {"ours_not_lens": True, **WARMUP},
         "stage1_overrides": {"recipe": "lens_stage1.yaml", **STAGE1_OVERRIDES},
         "stage2_overrides": {"recipe": "lens_stage2_refcoco.yaml", **STAGE2_OVERRIDES},
-        "stages": stages, "before": before, "after": after, "curve": curve.points,
+        "stages": stages, "reference_points": references, "before": before, "after": after, "curve": curve.points,
     }
     (out / RESULT_JSON).write_text(json.dumps(json_ready(document), indent=1) + "\n", encoding="utf-8")
     png = plot_curve(curve.points, out / CURVE_PNG)
