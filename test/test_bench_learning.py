@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lens_ros.bench.learning import reference_points, shape_masks
+from lens_ros.bench.learning import format_references, reference_points, shape_masks
 from lens_ros.training.data import Sample
 
 SIZE = 112  # the VLM keeps 112x112 as it is (a multiple of 28), so VLM pixels are image pixels
@@ -61,3 +61,10 @@ def test_reference_points_equal_the_hand_computed_scores():
     assert points["all_shapes"]["mask_iou_reward"] == pytest.approx(0.25)
     assert points["random_shape"]["mask_iou"] == pytest.approx(0.5)  # the right square or the wrong one
     assert points["random_shape"]["mask_iou_reward"] == pytest.approx(0.5)
+
+
+def test_format_references_lists_every_score_but_not_the_box():
+    line = format_references(reference_points([_sample(RED_BOX, 1)], [_sample(BLUE_BOX, 2)]))
+    assert line.startswith("constant_box box_iou 0.000, box_iou_reward 0.000; whole_image mask_iou ")
+    assert "all_shapes mask_iou 0.500, mask_iou_reward 0.250; random_shape mask_iou 0.500" in line
+    assert "box [" not in line

@@ -207,6 +207,12 @@ def reference_points(train: Sequence, val: Sequence, train_boxes: int = 300) -> 
     }
 
 
+def format_references(references: dict) -> str:
+    """``reference_points`` on one line: each point's scores (its box coordinates left out)."""
+    return "; ".join(f"{name} " + ", ".join(f"{key} {value:.3f}" for key, value in point.items() if key != "box")
+                     for name, point in references.items())
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 class _Recording:
     """A pipeline that keeps every ``SegmentationResult`` it returns (the full answer text and mask),
@@ -510,9 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     curve = Curve(lens, processor, val, args.max_new_tokens, wall_start)
     references = reference_points(train, val)
-    print("reference points (answers that ignore the expression): "
-          + "; ".join(f"{name} " + ", ".join(f"{key} {value:.3f}" for key, value in point.items() if key != "box")
-                      for name, point in references.items()), flush=True)
+    print(f"reference points (answers that ignore the expression): {format_references(references)}", flush=True)
     before = curve.evaluate("init", 0)
     # The first evaluation generates nothing (a random model stops at once); later ones write whole
     # answers and cost several times more. Reserve for the final one the longest seen, at least 4x this.
@@ -563,8 +567,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nbefore -> after on {len(val)} synthetic val samples, {wall / 60:.1f} min wall time:")
     for key in POINT_KEYS:
         print(f"  {key:<26}{before[key]:>8.3f} -> {after[key]:.3f}")
-    print("  reference points: " + ", ".join(f"{name} {key} {value:.3f}" for name, point in references.items()
-                                            for key, value in point.items() if key != "box"))
+    print(f"  reference points: {format_references(references)}")
     document = {
         "command": " ".join(["python -m lens_ros.bench.learning", *(argv if argv is not None else sys.argv[1:])]),
         "wall_s": round(wall, 1), "budget_min": args.minutes,
