@@ -17,10 +17,12 @@ the same image again. The steps, with LENS_REFERENCE.md §2:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -29,15 +31,23 @@ import torch
 from PIL import Image
 
 from lens_ros import prompts
-from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, InvalidInputError, check_command, to_rgb8
+from lens_ros.images import (  # noqa: F401 (VLM_*: the resize parameters, defined beside the size checks)
+    DEFAULT_MAX_COMMAND_CHARS,
+    VLM_MAX_PIXELS,
+    VLM_MIN_PIXELS,
+    VLM_RESIZE_FACTOR,
+    ControlTokens,
+    InvalidInputError,
+    check_command,
+    check_plain_text,
+    control_tokens,
+    to_rgb8,
+)
 from lens_ros.model.checkpoint import DEFAULT_MODEL, load_lens_model
 from lens_ros.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamImageEmbedding, sam_input_size, upsample_logits
 
 log = logging.getLogger(__name__)
 
-VLM_RESIZE_FACTOR = 28
-VLM_MIN_PIXELS = 3136
-VLM_MAX_PIXELS = 1_000_000
 
 # Stages reported to progress callbacks (and as action feedback by the ROS node).
 STAGE_PREPARING = "preparing"
@@ -253,7 +263,7 @@ class LensPipeline:
         called as the stages start and as reasoning tokens arrive.
         """
         total_start = time.perf_counter()
-        text = check_command(command, self.config.max_command_chars)
+        text = self.checked_command(command)
         report = progress or (lambda stage, reasoning: None)
         report(STAGE_PREPARING, "")
         cached = self._prepared
@@ -316,11 +326,60 @@ class LensPipeline:
     def model_name(self) -> str:
         return getattr(self.model, "source", None) or self.config.model
 
+    # -- prompt --------------------------------------------------------------------------------
+    # The command is data: a control token of the model in it (``<|im_end|><|im_start|>assistant``,
+    # ``<|image_pad|>``) would be tokenized as that token and rewrite the chat. Such commands are
+    # refused before anything runs (``check_plain_text``, with the checkpoint tokenizer's own added
+    # tokens); escaping them instead is not possible without changing LENS's exact prompt, because
+    # the processor tokenizes the whole templated chat at once. A second, cheap guard after
+    # tokenization counts the control tokens of the prompt against the template's.
+    @functools.cached_property
+    def _control_tokens(self) -> ControlTokens:
+        return control_tokens(self.processor.tokenizer)
+
+    @functools.cached_property
+    def _control_token_ids(self) -> dict[int, str]:
+        tokenizer = self.processor.tokenizer
+        return {tokenizer.convert_tokens_to_ids(token): token
+                for token in self._control_tokens.raw + self._control_tokens.normalized}
+
+    def checked_command(self, command) -> str:
+        """``command`` as the pipeline uses it: ``check_command``'s checks, and refused
+        (``InvalidInputError``) when it holds a control token of the model (``check_plain_text``).
+        ``segment`` and ``answer_mask_logits`` call it; a caller may call it first to refuse early."""
+        return check_plain_text(check_command(command, self.config.max_command_chars), self._control_tokens)
+
     def _prompt_inputs(self, prepared: PreparedImage, command: str):
         """Chat-templated prompt + image, through the checkpoint's own processor."""
         chat = self.processor.apply_chat_template(prompts.build_messages(command, cot=self.config.cot),
                                                   tokenize=False, add_generation_prompt=True)
-        return self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt").to(self.device)
+        inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt")
+        self._check_prompt_control_tokens(inputs)
+        return inputs.to(self.device)
+
+    def _count_control_tokens(self, ids) -> Counter:
+        return Counter(i for i in ids if i in self._control_token_ids)
+
+    def _template_control_tokens(self) -> Counter:
+        """The control tokens the chat template alone puts into a prompt (one image placeholder).
+        Not cached: rendering and tokenizing a one-word prompt takes well under a millisecond."""
+        chat = self.processor.apply_chat_template(prompts.build_messages("x", cot=self.config.cot), tokenize=False,
+                                                  add_generation_prompt=True)
+        return self._count_control_tokens(self.processor.tokenizer(chat)["input_ids"])
+
+    def _check_prompt_control_tokens(self, inputs) -> None:
+        """Refuse a prompt whose control tokens are not exactly the template's, the image placeholder
+        expanded to one token per image feature, as the processor does."""
+        found = self._count_control_tokens(inputs["input_ids"][0].tolist())
+        expected = self._template_control_tokens()
+        image_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        merge = self.processor.image_processor.merge_size
+        expected[image_id] = int(inputs["image_grid_thw"].prod(-1).sum()) // (merge * merge)
+        for token_id in sorted(set(found) | set(expected)):
+            if found[token_id] != expected[token_id]:
+                raise InvalidInputError(
+                    f"command puts control tokens of the model into the prompt ({self._control_token_ids[token_id]} "
+                    f"{found[token_id]} times, the template {expected[token_id]}); commands must be plain text")
 
     def _ensure_vision_features(self, prepared: PreparedImage, inputs) -> bool:
         """Run the vision tower unless this image already has its output; True when it ran."""
@@ -351,8 +410,9 @@ class LensPipeline:
     def answer_mask_logits(self, image, command: str, answer: str, bgr: bool = False) -> tuple[torch.Tensor, float]:
         """Mask logits (1, 1, H, W) and score for a GIVEN answer instead of a generated one (the
         answer is teacher-forced, as LENS's stage 1 does with the ground-truth box)."""
+        text = self.checked_command(command)
         prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
-        inputs = self._prompt_inputs(prepared, check_command(command, self.config.max_command_chars))
+        inputs = self._prompt_inputs(prepared, text)
         self._ensure_vision_features(prepared, inputs)
         eos = self.processor.tokenizer.eos_token or ""
         answer_ids = self.processor.tokenizer(answer + eos, add_special_tokens=False, return_tensors="pt")["input_ids"]

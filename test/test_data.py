@@ -496,3 +496,48 @@ def test_concat(refcocog_root, tmp_path):
     assert len(concat()) == 0
     both.set_epoch(2)
     assert refs.epoch == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Leaving expressions out (the trainer drops those with control tokens of the model)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_expressions_are_left_out_from_the_index_without_reading_images(refcocog_root, tmp_path):
+    from lens_ros.training.data import drop_expressions
+
+    def reject(text):
+        return "a bad word" if "two" in text or "dark" in text or "q2" in text else None
+
+    reason_root = tmp_path / "rs"
+    _write_jpg(reason_root / "val" / "x.jpg", np.zeros((40, 50, 3), np.uint8))
+    (reason_root / "val" / "x.json").write_text(json.dumps({"text": ["q1", "q2"], "shapes": []}))
+    every = RefDataset(refcocog_root, "refcocog", "umd", "test")  # ref 2: one, two, three; ref 3: the dark thing
+    drawn = RefDataset(refcocog_root, "refcocog", "umd", "test", sentences="random")
+    reasonseg = ReasonSegDataset(reason_root, "val")
+    images = refcocog_root / "images"
+    images.rename(tmp_path / "elsewhere")  # no image may be read while filtering
+    kept_every, dropped_every = drop_expressions(every, reject)
+    kept_drawn, dropped_drawn = drop_expressions(drawn, reject)
+    kept_both, dropped_both = drop_expressions(concat(every, reasonseg), reject)
+    (tmp_path / "elsewhere").rename(images)
+
+    assert dropped_every == dropped_drawn == ["refcocog/umd/test ref 2 sent 1: a bad word",
+                                              "refcocog/umd/test ref 3 sent 0: a bad word"]
+    assert [(s.expression, s.source) for s in kept_every] == [("one", "refcocog/umd/test ref 2 sent 0"),
+                                                              ("three", "refcocog/umd/test ref 2 sent 2")]
+    assert len(every) == 4 and len(drawn) == 2  # the originals are untouched
+    assert len(kept_drawn) == 1  # ref 3 has no sentence left
+    seen = set()
+    for epoch in range(12):
+        kept_drawn.set_epoch(epoch)
+        seen.add(kept_drawn[0].expression)
+    assert seen == {"one", "three"}
+    assert [s.expression for s in kept_both] == ["one", "three", "q1"]
+    assert dropped_both == dropped_every + ["reasonseg/val x text 1: a bad word"]
+    # Nothing to leave out: the very same data set, its random draws unchanged.
+    unchanged, none = drop_expressions(drawn, lambda text: None)
+    assert unchanged is drawn and none == []
+    kept_plain, dropped_plain = drop_expressions([every[0], every[1]], reject)  # any Sequence[Sample]
+    assert [s.expression for s in kept_plain] == ["one"]
+    assert dropped_plain == ["refcocog/umd/test ref 2 sent 1: a bad word"]

@@ -21,10 +21,11 @@ Only numpy, OpenCV and the standard library are needed: masks in COCO's RLE are 
 from __future__ import annotations
 
 import bisect
+import copy
 import json
 import pickle
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ import cv2
 import numpy as np
 
 Box = tuple[float, float, float, float]
+# Why a text must not be used (e.g. it holds a control token of the model), or None to keep it.
+Reject = Callable[[str], "str | None"]
 
 
 @dataclass
@@ -275,12 +278,41 @@ def _load_instances(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     return images, annotations
 
 
+def drop_expressions(samples: Sequence[Sample], reject: Reject) -> tuple[Sequence[Sample], list[str]]:
+    """``samples`` without the expressions ``reject`` refuses, and one line ``"<source>: <reason>"``
+    per expression left out.
+
+    The data sets here hold their expressions in memory: they leave them out of their index and
+    read no image (a RefDataset with random sentences draws only from the sentences left; a ref
+    with none left is dropped). The originals are not changed; when nothing is left out, the same
+    object comes back. Any other sequence is read sample by sample.
+    """
+    if isinstance(samples, _LazySamples):
+        return samples.without_expressions(reject)
+    return _drop_by_reading(samples, reject)
+
+
+def _drop_by_reading(samples: Sequence[Sample], reject: Reject) -> tuple[Sequence[Sample], list[str]]:
+    kept, dropped = [], []
+    for sample in samples:
+        reason = reject(sample.expression)
+        if reason is None:
+            kept.append(sample)
+        else:
+            dropped.append(f"{sample.source}: {reason}")
+    return (kept if dropped else samples), dropped
+
+
 class _LazySamples(Sequence):
     """A Sequence[Sample] that loads sample ``index`` in ``_sample`` (slices and negative indices
     handled here, once for every data set)."""
 
     def _sample(self, index: int) -> Sample:
         raise NotImplementedError
+
+    def without_expressions(self, reject: Reject) -> tuple[Sequence[Sample], list[str]]:
+        """See ``drop_expressions``; data sets that hold their expressions override this."""
+        return _drop_by_reading(self, reject)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
@@ -358,10 +390,34 @@ class RefDataset(_LazySamples):
                 sentences=tuple(_sentence_text(sentence) for sentence in ref["sentences"]),
                 source=f"{dataset}/{split_by}/{split} ref {ref['ref_id']}",
             ))
-        # (entry, sentence) pairs for "all"; entries alone for "random".
-        self._index: list[tuple[int, int]] = (
-            [(e, s) for e, entry in enumerate(self._entries) for s in range(len(entry.sentences))]
-            if sentences == "all" else [(e, -1) for e in range(len(self._entries))])
+        self._excluded: frozenset[tuple[int, int]] = frozenset()  # (entry, sentence) left out
+        self._index = self._build_index()
+
+    def _sentence_choices(self, entry_index: int) -> list[int]:
+        count = len(self._entries[entry_index].sentences)
+        return [s for s in range(count) if (entry_index, s) not in self._excluded]
+
+    def _build_index(self) -> list[tuple[int, int]]:
+        """(entry, sentence) pairs for "all"; entries alone (with a sentence left) for "random"."""
+        choices = [self._sentence_choices(e) for e in range(len(self._entries))]
+        if self.sentences == "all":
+            return [(e, s) for e, sentences in enumerate(choices) for s in sentences]
+        return [(e, -1) for e, sentences in enumerate(choices) if sentences]
+
+    def without_expressions(self, reject: Reject) -> tuple["RefDataset", list[str]]:
+        excluded, dropped = set(self._excluded), []
+        for e, entry in enumerate(self._entries):
+            for s in self._sentence_choices(e):
+                reason = reject(entry.sentences[s])
+                if reason is not None:
+                    excluded.add((e, s))
+                    dropped.append(f"{entry.source} sent {s}: {reason}")
+        if not dropped:
+            return self, []
+        kept = copy.copy(self)
+        kept._excluded = frozenset(excluded)
+        kept._index = kept._build_index()
+        return kept, dropped
 
     def _find_image_dir(self, image_dir: str | Path | None) -> Path:
         if image_dir is not None:
@@ -387,7 +443,8 @@ class RefDataset(_LazySamples):
         entry = self._entries[entry_index]
         if sentence_index < 0:
             rng = random.Random(f"{self.seed}/{self.epoch}/{index}")  # str seeds hash stably across runs
-            sentence_index = rng.randrange(len(entry.sentences))
+            choices = self._sentence_choices(entry_index)  # all sentences unless some were left out
+            sentence_index = choices[rng.randrange(len(choices))]
         image = read_rgb(entry.image_path, apply_exif_orientation=False)
         if image.shape[:2] != (entry.height, entry.width):
             raise ValueError(f"image {entry.image_path} is {image.shape[1]}x{image.shape[0]} px; instances.json says "
@@ -509,6 +566,23 @@ class ReasonSegDataset(_LazySamples):
     def __len__(self) -> int:
         return len(self._index)
 
+    def _source(self, entry_index: int, text_index: int) -> str:
+        return f"reasonseg/{self.split} {self._entries[entry_index].image_path.stem} text {text_index}"
+
+    def without_expressions(self, reject: Reject) -> tuple["ReasonSegDataset", list[str]]:
+        index, dropped = [], []
+        for entry_index, text_index in self._index:
+            reason = reject(self._entries[entry_index].texts[text_index])
+            if reason is None:
+                index.append((entry_index, text_index))
+            else:
+                dropped.append(f"{self._source(entry_index, text_index)}: {reason}")
+        if not dropped:
+            return self, []
+        kept = copy.copy(self)
+        kept._index = index
+        return kept, dropped
+
     def _sample(self, index: int) -> Sample:
         entry_index, text_index = self._index[index]
         entry = self._entries[entry_index]
@@ -516,7 +590,7 @@ class ReasonSegDataset(_LazySamples):
         shapes = self._read_json(entry.json_path)["shapes"]
         mask, ignore = reasonseg_masks(shapes, image.shape[0], image.shape[1], entry.json_path)
         return Sample(image=image, expression=entry.texts[text_index], box=mask_box(mask), mask=mask, success=None,
-                      source=f"reasonseg/{self.split} {entry.image_path.stem} text {text_index}", ignore=ignore)
+                      source=self._source(entry_index, text_index), ignore=ignore)
 
     def is_sentence(self, index: int) -> bool:
         """Whether the sample's query is a long sentence (LISA reports ReasonSeg by this too)."""
@@ -585,6 +659,14 @@ class EpisodeDataset(_LazySamples):
     def _sample(self, index: int) -> Sample:
         return self._samples[index]
 
+    def without_expressions(self, reject: Reject) -> tuple["EpisodeDataset", list[str]]:
+        samples, dropped = _drop_by_reading(self._samples, reject)  # decoded already: nothing is read
+        if not dropped:
+            return self, []
+        kept = copy.copy(self)
+        kept._samples = list(samples)
+        return kept, dropped
+
     def __repr__(self) -> str:
         return f"EpisodeDataset({str(self.path)!r}, {len(self)} samples)"
 
@@ -622,6 +704,11 @@ class ConcatSamples(_LazySamples):
         which = bisect.bisect_right(self._ends, index)
         start = self._ends[which - 1] if which else 0
         return self.datasets[which][index - start]
+
+    def without_expressions(self, reject: Reject) -> tuple["ConcatSamples", list[str]]:
+        parts = [drop_expressions(dataset, reject) for dataset in self.datasets]
+        dropped = [line for _, lines in parts for line in lines]
+        return (ConcatSamples([kept for kept, _ in parts]) if dropped else self), dropped
 
     def set_epoch(self, epoch: int) -> None:
         """Pass the epoch on to the parts that draw per epoch (RefDataset with random sentences)."""

@@ -62,9 +62,11 @@ from transformers import Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from lens_ros import prompts
+from lens_ros.images import InvalidInputError, check_plain_text, control_tokens
 from lens_ros.model.checkpoint import save_lens_checkpoint
 from lens_ros.model.sam import embed_backbone, sam_input_size
 from lens_ros.pipeline import ImageSizes, LensPipeline, PipelineConfig, PreparedImage, sam_pixels, vlm_resize_shape
+from lens_ros.training.data import drop_expressions
 from lens_ros.training.rewards import UnifiedReward, completion_text
 
 
@@ -166,6 +168,8 @@ class LensTrainingConfig(GRPOConfig):
             raise ValueError("set the *_reward_weight fields, not reward_weights (it is derived from them)")
         if self.sync_ref_model:
             raise ValueError("sync_ref_model is not supported by LensGRPOTrainer")
+        if self.trust_remote_code:  # trl would pass it to any model or processor it loads by name
+            raise ValueError("trust_remote_code must be false: lens_ros never runs code shipped with a checkpoint")
         if self.use_lora and self.stage == STAGE_CONTEXT_HEAD:
             raise ValueError("use_lora applies to stage 2 only (stage 1 trains the context head alone)")
         if self.bf16 is None:  # trl would say True even on a CPU
@@ -238,6 +242,37 @@ def sample_to_row(sample, sample_id: int, cot: bool = False) -> dict:
     }
 
 
+# An expression becomes chat text (the prompt, and stage 1's teacher-forced answer), tokenized with the
+# model's control tokens parsed: one from a data set or a recorded episode holding "<|im_end|>" would
+# write the chat's structure, as a command would at inference (see lens_ros.pipeline). lens-train's
+# path leaves such samples out with one warning (plain_text_samples); the rows refuse any that reach them.
+def plain_text_samples(samples: Sequence, tokenizer) -> Sequence:
+    """``samples`` without those whose expression holds a control token of the model (``check_plain_text``
+    with ``tokenizer``'s own tokens), with one warning that counts them. No image is read."""
+    control = control_tokens(tokenizer)
+    kept, dropped = drop_expressions(samples, lambda text: expression_refusal(text, control))
+    if dropped:
+        warnings.warn(f"left out {len(dropped)} training expression(s) holding control tokens of the model "
+                      f"({len(samples)} samples before, {len(kept)} after); the first: {dropped[0]}", stacklevel=2)
+    return kept
+
+
+def expression_refusal(text: str, control) -> str | None:
+    """Why ``text`` cannot be a training expression (``check_plain_text``'s message), or None."""
+    try:
+        check_plain_text(text, control, what="expression")
+    except InvalidInputError as error:
+        return str(error)
+    return None
+
+
+def check_row_expression(sample, control) -> None:
+    """Refuse (``InvalidInputError`` naming the sample) an expression holding a control token of the model."""
+    reason = expression_refusal(sample.expression, control)
+    if reason is not None:
+        raise InvalidInputError(f"{sample.source}: {reason}")
+
+
 def check_processor_keeps_size(processor, vlm_image: Image.Image) -> None:
     """Fail when the processor would resize the already resized image again (its pixel bounds
     differ from LENS's): the GT box would then not be in the pixels the VLM sees."""
@@ -250,9 +285,13 @@ def check_processor_keeps_size(processor, vlm_image: Image.Image) -> None:
 
 def samples_to_rows(samples: Sequence, processor=None, cot: bool = False) -> list[dict]:
     """Rows for trl (see ``sample_to_row``), all in memory. With ``processor``, each distinct image
-    size is checked to reach the VLM unresized (``check_processor_keeps_size``)."""
+    size is checked to reach the VLM unresized (``check_processor_keeps_size``) and each expression
+    to hold no control token of the model (``check_row_expression``)."""
     rows, checked = [], set()
+    control = control_tokens(processor.tokenizer) if processor is not None else None
     for index, sample in enumerate(samples):
+        if control is not None:
+            check_row_expression(sample, control)
         row = sample_to_row(sample, index, cot)
         if processor is not None and row["image"].size not in checked:
             check_processor_keeps_size(processor, row["image"])
@@ -266,17 +305,27 @@ def rows_dataset(samples: Sequence, processor=None, cot: bool = False):
 
     The Arrow table holds only the sample ids; images and masks stay in the sample sequence (lazy
     data sets read them from disk), so RefCOCO-sized data sets cost no memory and no conversion, and
-    masks reach the rewards as bool numpy arrays rather than nested lists.
+    masks reach the rewards as bool numpy arrays rather than nested lists. With ``processor``, a row
+    whose expression holds a control token of the model is refused when read (``check_row_expression``;
+    ``plain_text_samples`` leaves such samples out beforehand).
     """
     import datasets
 
     if len(samples) == 0:
         raise ValueError("no training samples")
+    control = None
     if processor is not None:
         check_processor_keeps_size(processor, sample_to_row(samples[0], 0, cot)["image"])
+        control = control_tokens(processor.tokenizer)
+
+    def read_row(index: int) -> dict:
+        sample = samples[index]
+        if control is not None:
+            check_row_expression(sample, control)
+        return sample_to_row(sample, index, cot)
 
     def build(batch: dict) -> dict:
-        rows = [sample_to_row(samples[int(i)], int(i), cot) for i in batch["sample_id"]]
+        rows = [read_row(int(i)) for i in batch["sample_id"]]
         return {key: [row[key] for row in rows] for key in rows[0]}
 
     return datasets.Dataset.from_dict({"sample_id": list(range(len(samples)))}).with_transform(build)
@@ -798,7 +847,9 @@ def plot_training_curves(log_history: list[dict], path: str | os.PathLike,
 # One call: load, train, save
 # ---------------------------------------------------------------------------------------------
 def build_trainer(config: LensTrainingConfig, lens, processor, samples: Sequence):
-    """The stage's trainer on ``samples`` (a Sequence[Sample])."""
+    """The stage's trainer on ``samples`` (a Sequence[Sample]), without those whose expression holds
+    a control token of the model (``plain_text_samples``)."""
+    samples = plain_text_samples(samples, processor.tokenizer)
     dataset = rows_dataset(samples, processor, cot=config.cot)
     callbacks = [SetEpochCallback(samples)]
     if config.stage == STAGE_CONTEXT_HEAD:
