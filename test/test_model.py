@@ -301,3 +301,161 @@ def test_reduced_precision_runs_both_passes(tiny_checkpoint, photo_640x480, dtyp
         logits, score = pipeline.mask_logits(prepared, sequence)
     assert logits.dtype == torch.float32 and logits.shape == (1, 1, 480, 640)
     assert torch.isfinite(logits).all() and np.isfinite(score)
+
+
+# -- code shipped with a checkpoint never runs (issue item 6) ------------------------------------
+# A module the malicious checkpoints below point at: importing it leaves a marker file beside it.
+CHECKPOINT_CODE = """\
+import pathlib
+pathlib.Path(__file__).with_name("CODE_RAN").write_text("the checkpoint's own Python ran")
+from transformers import PretrainedConfig, PreTrainedTokenizerFast, Qwen2VLImageProcessor
+class EvilConfig(PretrainedConfig):
+    model_type = "evil"
+class EvilTokenizer(PreTrainedTokenizerFast):
+    pass
+class EvilImageProcessor(Qwen2VLImageProcessor):
+    pass
+"""
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _unknown_model_type(directory):
+    # The issue's case: without tokenizer_class, AutoTokenizer asks AutoConfig, which meets an unknown
+    # model_type with an auto_map and asks on stdin whether to run the checkpoint's code.
+    _edit_json(directory / "config.json",
+               lambda c: c.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig"}))
+    _edit_json(directory / "tokenizer_config.json", lambda c: c.pop("tokenizer_class"))
+
+
+def _tokenizer_auto_map(directory):
+    code = {"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": [None, "evil.EvilTokenizer"]}}
+    _edit_json(directory / "tokenizer_config.json", lambda c: c.update(code))
+
+
+def _image_processor_auto_map(directory):
+    def edit(config):
+        config["image_processor"].update(image_processor_type="EvilImageProcessor",
+                                         auto_map={"AutoImageProcessor": "evil.EvilImageProcessor"})
+    _edit_json(directory / "processor_config.json", edit)
+
+
+CODE_CHECKPOINTS = {  # variant -> (edit, the file and key the refusal must name)
+    "unknown_model_type": (_unknown_model_type, "config.json: key 'auto_map'"),
+    "tokenizer_auto_map": (_tokenizer_auto_map, "tokenizer_config.json: key 'auto_map'"),
+    "image_processor_auto_map": (_image_processor_auto_map, "processor_config.json: key 'image_processor.auto_map'"),
+    "python_file_only": (lambda directory: None, None),  # inert: nothing names it, so it loads, unrun
+}
+
+LOAD_EACH_WITH_Y_ON_STDIN = """\
+import json, sys
+from lens_ros.model.checkpoint import load_lens_model
+for directory in sys.argv[1:]:
+    try:
+        load_lens_model(directory)
+        print(json.dumps({"directory": directory, "error": None}))
+    except Exception as error:
+        print(json.dumps({"directory": directory, "error": f"{type(error).__name__}: {error}"}))
+print(json.dumps({"stdin_left": sys.stdin.read()}))
+"""
+
+
+def test_checkpoint_code_never_runs_and_no_load_reads_stdin(tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    directories = []
+    for variant, (edit, _) in CODE_CHECKPOINTS.items():
+        directory = _copy(tiny_checkpoint, tmp_path / variant)
+        (directory / "evil.py").write_text(CHECKPOINT_CODE)
+        edit(directory)
+        directories.append(directory)
+    answers = "y\n" * 8  # what a user (or a pipe) would answer to "Do you wish to run the custom code?"
+    proc = subprocess.run([sys.executable, "-c", LOAD_EACH_WITH_Y_ON_STDIN, *map(str, directories)], input=answers,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *results, stdin = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert stdin == {"stdin_left": answers}, "a load read stdin"
+    for directory, result, (_, named) in zip(directories, results, CODE_CHECKPOINTS.values()):
+        assert not (directory / "CODE_RAN").exists(), f"{directory.name}: the checkpoint's code ran"
+        if named is None:
+            assert result["error"] is None, result
+            continue
+        error = result["error"] or ""
+        assert error.startswith("CheckpointError: ") and "\n" not in error, (directory.name, error)
+        assert f"{directory}/{named}" in error and "never runs code shipped with a checkpoint" in error
+
+
+def test_the_processor_load_itself_never_trusts_checkpoint_code(tiny_checkpoint, tmp_path):
+    """Behind the refusal, every transformers load passes trust_remote_code=False: loaded directly, the
+    issue's checkpoint neither runs its code nor asks (stdin is closed: a prompt would raise EOFError)."""
+    import subprocess
+    import sys
+
+    directory = _copy(tiny_checkpoint, tmp_path / "unknown_model_type")
+    (directory / "evil.py").write_text(CHECKPOINT_CODE)
+    _unknown_model_type(directory)
+    code = "import sys; from lens_ros.model.checkpoint import load_processor; load_processor(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, str(directory)], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # loaded, with transformers' own classes
+    assert not (directory / "CODE_RAN").exists()
+    assert "Do you wish to run the custom code" not in proc.stdout + proc.stderr
+
+
+# -- SAM2's Hydra overrides cannot instantiate anything (issue item 6) ----------------------------
+def test_sam2_overrides_in_a_checkpoint_cannot_make_hydra_run_code(tiny_checkpoint, tmp_path):
+    marker = tmp_path / "hydra_ran"
+    # Hydra instantiates every node with a _target_, with _args_: here os.makedirs(marker), before
+    # Hiera complains about the unexpected argument.
+    override = f"++model.image_encoder.trunk.evil={{_target_:os.makedirs,_args_:[{marker}]}}"
+    directory = _copy(tiny_checkpoint, tmp_path / "hydra")
+    _edit_json(directory / "config.json", lambda c: c["lens_ros_sam2"]["overrides"].append(override))
+    with pytest.raises(CheckpointError) as info:
+        load_lens_model(str(directory))
+    assert not marker.exists(), "Hydra ran the checkpoint's target"
+    message = str(info.value)
+    assert "\n" not in message and f"{directory}/config.json: lens_ros_sam2:" in message and "evil" in message
+
+
+# Hydra special keys, interpolations and resolvers, dicts (instantiable nodes), strings, other
+# override kinds (+ adds, ~ deletes, hydra.*), sweeps; then configs that are not sam2's model configs.
+REFUSED_OVERRIDES = ["++model._target_=os.system", "++model.image_encoder._args_=[1]",
+                     "++model.image_encoder.trunk._partial_=true", "++model.sam_mask_decoder_extra_args._convert_=all",
+                     "++model.image_size=${oc.env:HOME}", "++model.image_size=[1,${oc.env:HOME}]",
+                     "++model.image_encoder.trunk.stages={_target_:os.getcwd}", "++model.name=some_string",
+                     "+model.image_size=256", "~model.memory_attention", "++hydra.run.dir=/tmp",
+                     "++model.image_size=256,512", 256]
+REFUSED_CONFIGS = ["configs/sam2.1_training/sam2.1_hiera_b+_MOSE_finetune.yaml", "/etc/evil.yaml",
+                   "configs/sam2/../../evil.yaml", "pkg://os/evil.yaml", ["configs/sam2/sam2_hiera_l.yaml"]]
+
+
+@pytest.mark.parametrize("spec", [{"overrides": [override]} for override in REFUSED_OVERRIDES]
+                         + [{"config": config} for config in REFUSED_CONFIGS]
+                         + [{"overrides": "++model.image_size=256"}, ["configs/sam2/sam2_hiera_l.yaml"],
+                            {"config": "configs/sam2/sam2_hiera_l.yaml", "code": "os.system"}])
+def test_sam2_specs_are_sam2s_own_configs_with_literal_overrides(spec):
+    from lens_ros.model.sam import Sam2Spec
+
+    with pytest.raises(ValueError) as info:
+        Sam2Spec.from_dict(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_plain_sam2_specs_still_load():
+    from lens_ros.model.sam import SAM2_CONFIG, Sam2Spec
+    from lens_ros.model.tiny import TINY_SAM2_SPEC
+
+    assert Sam2Spec.from_dict(TINY_SAM2_SPEC.to_dict()) == TINY_SAM2_SPEC
+    assert Sam2Spec.from_dict(None) == Sam2Spec() == Sam2Spec(SAM2_CONFIG)
+    spec = {"config": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+            "overrides": ["++model.image_size=512", "++model.sigmoid_bias_for_mem_enc=-1.5e-3",
+                          "++model.image_encoder.trunk.window_spec=[8, 4, 14, 7]",
+                          "++model.use_obj_ptrs_in_encoder=false",
+                          "++model.image_encoder.trunk.global_att_blocks=[]"]}
+    assert Sam2Spec.from_dict(spec).to_dict() == spec

@@ -9,7 +9,10 @@ under transformers 4.51 names (``model.layers.*``, ``model.embed_tokens``, ``mod
 ``proj_to_sam.*`` and ``sam.*``; a config.json in the 4.51 Qwen2-VL style with
 ``num_of_query`` and ``if_use_qwen_connector``. Transformers 5.x names (``model.language_model.*``,
 ``model.visual.*``) are accepted too. Loading is strict: any missing or unexpected key is an
-error that names it. Only safetensors are read; no remote code runs.
+error that names it. Only safetensors are read, and no code that comes with a checkpoint ever runs:
+a checkpoint that names its own code (``auto_map``) is refused (``refuse_checkpoint_code``), every
+transformers load passes ``trust_remote_code=False`` (so none asks on stdin either), and the SAM2
+build accepts only sam2's own configs with literal overrides (``Sam2Spec``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lens_ros.model.lens import LensModel
-from lens_ros.model.sam import Sam2Spec, build_sam2_for_lens
+from lens_ros.model.sam import Sam2Spec, Sam2SpecError, build_sam2_for_lens
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,14 @@ SAM2_SPEC_KEY = "lens_ros_sam2"
 
 HEAD_PREFIXES = ("learnable_query", "connector.", "conv_1d.", "proj_to_sam.")
 SAM_PREFIX = "sam."
-# Files a checkpoint needs; weights in pickle formats are never fetched nor read.
+# Files a checkpoint needs; weights in pickle formats are never fetched nor read, nor is code
+# ("tokenizer*" would also match a tokenizer_*.py).
 _CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "tokenizer*"]
+_NEVER_FETCHED = ["*.py", "*.pyc"]
+# JSON files of a checkpoint that are vocabularies, not configuration: their keys are tokens (a
+# token may well be spelt "auto_map") and transformers never looks for code classes in them.
+_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "added_tokens.json")
+_NO_CODE = "lens_ros never runs code shipped with a checkpoint"
 _NON_QWEN_CONFIG_KEYS = {"model_type", "architectures", "num_of_query", "if_use_qwen_connector",
                          "if_include_sam", "auto_map", "transformers_version", SAM2_SPEC_KEY}
 
@@ -156,7 +165,7 @@ def resolve_model_source(source: str, allow_download: bool = False, cache_dir: s
     from huggingface_hub import snapshot_download
 
     try:
-        local = snapshot_download(repo_id=source, allow_patterns=_CHECKPOINT_FILES,
+        local = snapshot_download(repo_id=source, allow_patterns=_CHECKPOINT_FILES, ignore_patterns=_NEVER_FETCHED,
                                   local_files_only=not allow_download)
     except Exception as exc:  # hub errors have many types; all mean "not available here"
         how = ("downloads are disabled (allow downloads to fetch it)" if not allow_download
@@ -165,6 +174,55 @@ def resolve_model_source(source: str, allow_download: bool = False, cache_dir: s
             f"model {source!r} is not in the local Hugging Face cache and {how}; "
             f"use --model tiny to run the built-in tiny model (its masks are meaningless)") from exc
     return Path(local)
+
+
+# -- code in a checkpoint -------------------------------------------------------------------------
+def _auto_map_key(data, path: str = "") -> str | None:
+    """The dotted key of the first ``auto_map`` in a JSON document, or None."""
+    if isinstance(data, dict):
+        for key, value in data.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "auto_map":
+                return where
+            found = _auto_map_key(value, where)
+            if found:
+                return found
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            found = _auto_map_key(value, f"{path}[{index}]")
+            if found:
+                return found
+    return None
+
+
+def refuse_checkpoint_code(directory: Path) -> None:
+    """Raise ``CheckpointError`` when the checkpoint comes with code of its own.
+
+    What is refused, precisely, and why:
+
+    * an ``auto_map`` key anywhere in any of its JSON configuration files (config.json,
+      tokenizer_config.json, processor_config.json with its nested sub-processor configs,
+      preprocessor_config.json, ...): that is how a checkpoint names classes in its own modules,
+      which transformers then imports (or asks on stdin whether to). The vocabulary files
+      (``_VOCABULARY_FILES``) are not searched: their keys are tokens, not configuration.
+
+    Python files in the directory are not refused: with no ``auto_map`` and
+    ``trust_remote_code=False`` nothing imports them, and a repository downloaded whole (its
+    README's helper scripts, say) must still load. ``resolve_model_source`` never fetches them.
+
+    Every load also passes ``trust_remote_code=False``; this check makes such a checkpoint fail at
+    once, with the file and key named, instead of loading in some way that depends on transformers.
+    """
+    for path in sorted(directory.glob("*.json")):
+        if path.name in _VOCABULARY_FILES:
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise CheckpointError(f"{path}: unreadable ({exc})") from exc
+        key = _auto_map_key(data)
+        if key is not None:
+            raise CheckpointError(f"{path}: key '{key}' names classes in the checkpoint's own code; {_NO_CODE}")
 
 
 def _safetensors_files(directory: Path) -> list[Path]:
@@ -218,10 +276,11 @@ def _check_keys(part: str, expected: set[str], found: set[str], allowed_missing:
 def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str | torch.dtype = "float32",
                     allow_download: bool = False, cache_dir=None):
     """Load a LENS checkpoint from any source. Returns ``(model, processor)`` in eval mode."""
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     directory = resolve_model_source(source, allow_download=allow_download, cache_dir=cache_dir)
+    refuse_checkpoint_code(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{directory}: no config.json")
@@ -235,12 +294,16 @@ def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str
     qwen_config = qwen_config_from_lens(data)
     num_queries = int(data.get("num_of_query") or 64)
     use_connector = bool(data.get("if_use_qwen_connector", True))
-    sam_spec = Sam2Spec.from_dict(data.get(SAM2_SPEC_KEY))
+    try:
+        sam_spec = Sam2Spec.from_dict(data.get(SAM2_SPEC_KEY))
+    except Sam2SpecError as exc:
+        raise CheckpointError(f"{config_path}: {SAM2_SPEC_KEY}: {exc}") from exc
 
     qwen_state, head_state, sam_state = split_state_dict(read_state_dict(directory))
 
     vlm, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        None, config=qwen_config, state_dict=qwen_state, dtype=torch_dtype, output_loading_info=True)
+        None, config=qwen_config, state_dict=qwen_state, dtype=torch_dtype, output_loading_info=True,
+        trust_remote_code=False)
     del qwen_state
     tied = {"lm_head.weight"} if qwen_config.tie_word_embeddings else set()
     missing = set(info.get("missing_keys", ())) - tied
@@ -253,9 +316,13 @@ def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str
         raise CheckpointError(f"{directory}: Qwen2.5-VL weights: " + "; ".join(p for p in parts if p))
     if (directory / "generation_config.json").is_file():
         # LENS's demo generates with the checkpoint's generation config (do_sample overridden).
+        # GenerationConfig names no classes and takes no trust_remote_code (it would store it as a field).
         vlm.generation_config = GenerationConfig.from_pretrained(directory)
 
-    sam = build_sam2_for_lens(sam_spec, device="cpu")
+    try:
+        sam = build_sam2_for_lens(sam_spec, device="cpu")
+    except Sam2SpecError as exc:
+        raise CheckpointError(f"{config_path}: {SAM2_SPEC_KEY}: {exc}") from exc
     _check_keys(f"{directory}: SAM2 weights (sam.*)", set(sam.state_dict()), set(sam_state))
     try:
         sam.load_state_dict(sam_state, strict=True)
@@ -272,8 +339,22 @@ def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str
         raise CheckpointError(f"{directory}: context head: {exc}") from exc
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.source = source
-    processor = Qwen2_5_VLProcessor.from_pretrained(str(directory))
-    return model, processor
+    return model, load_processor(directory)
+
+
+def load_processor(directory: str | os.PathLike):
+    """The checkpoint's Qwen2.5-VL processor (tokenizer, chat template, image and video processors).
+
+    ``trust_remote_code=False`` reaches every Auto* load inside it: a tokenizer or image processor
+    config naming code of its own then fails instead of asking on stdin whether to run it.
+    """
+    from transformers import Qwen2_5_VLProcessor
+
+    try:
+        return Qwen2_5_VLProcessor.from_pretrained(str(directory), trust_remote_code=False)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{directory}: cannot load the processor ({first})") from exc
 
 
 # -- saving ----------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ here patches sam2: the token simply is the whole sparse prompt embedding.
 
 from __future__ import annotations
 
+import importlib.util
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,26 +27,72 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
+# A spec comes from a checkpoint's config.json, i.e. from whoever made the checkpoint, and Hydra
+# instantiates whatever a config names: an override such as ``++model.x={_target_:os.system,...}``
+# (or ``_args_``, ``_partial_``, a ``${...}`` resolver, a config file of one's own) would run a
+# checkpoint's code. So a spec may only pick one of sam2's own model configs and change sizes in it:
+# every override is ``++model.<dotted.name>=<literal>``, where no part of the name starts with "_"
+# (that excludes all of Hydra's special keys, _target_, _args_, _partial_, _convert_, _recursive_)
+# and the literal is a number, a bool or a flat list of numbers: nothing Hydra could resolve or call.
+_SAM2_CONFIG = re.compile(r"configs/sam2(?:\.1)?/[A-Za-z0-9_.+-]+\.yaml")
+_NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+_LITERAL = rf"(?:{_NUMBER}|true|false|True|False|\[\s*(?:{_NUMBER}(?:\s*,\s*{_NUMBER})*)?\s*\])"
+_SAM2_OVERRIDE = re.compile(rf"\+\+model(?:\.[A-Za-z][A-Za-z0-9_]*)+={_LITERAL}")
+_SPEC_KEYS = ("config", "overrides")
+
+
+class Sam2SpecError(ValueError):
+    """A SAM2 spec that is not a stock sam2 config with literal size overrides."""
+
+
 @dataclass(frozen=True)
 class Sam2Spec:
-    """Which SAM2 to build: a stock sam2 Hydra config plus Hydra overrides."""
+    """Which SAM2 to build: one of sam2's own model configs plus literal Hydra overrides (checked
+    here on construction, see ``_SAM2_OVERRIDE``)."""
 
     config: str = SAM2_CONFIG
     overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.config, str) and _SAM2_CONFIG.fullmatch(self.config)):
+            raise Sam2SpecError(f"config {self.config!r} is not one of sam2's model configs "
+                                f"(configs/sam2/NAME.yaml or configs/sam2.1/NAME.yaml)")
+        for override in self.overrides:
+            if not (isinstance(override, str) and _SAM2_OVERRIDE.fullmatch(override)):
+                raise Sam2SpecError(f"override {override!r} is not allowed: only ++model.<name>=<number, bool or "
+                                    f"list of numbers>, with no Hydra special key (_target_, ...) or ${{...}}")
 
     def to_dict(self) -> dict:
         return {"config": self.config, "overrides": list(self.overrides)}
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Sam2Spec":
+        """The spec a checkpoint stores (``to_dict``'s form); ``Sam2SpecError`` for anything else."""
         if not data:
             return cls()
-        return cls(config=str(data.get("config", SAM2_CONFIG)), overrides=tuple(data.get("overrides", ())))
+        if not isinstance(data, dict):
+            raise Sam2SpecError(f"must be a mapping with {' and '.join(_SPEC_KEYS)}, got {type(data).__name__}")
+        unknown = sorted(str(key) for key in data if key not in _SPEC_KEYS)
+        if unknown:
+            raise Sam2SpecError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(_SPEC_KEYS)})")
+        overrides = data.get("overrides", [])
+        if not isinstance(overrides, list):
+            raise Sam2SpecError(f"overrides must be a list of strings, got {type(overrides).__name__}")
+        return cls(config=data.get("config", SAM2_CONFIG), overrides=tuple(overrides))
+
+
+def _check_packaged_config(config: str) -> None:
+    """The config must be a file of the installed sam2 package (Hydra finds it there, never elsewhere)."""
+    package = importlib.util.find_spec("sam2")
+    locations = list(package.submodule_search_locations or []) if package else []
+    if not any((Path(location) / config).is_file() for location in locations):
+        raise Sam2SpecError(f"config {config!r} is not in the installed sam2 package")
 
 
 def build_sam2_for_lens(spec: Sam2Spec = Sam2Spec(), device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build SAM2 exactly as LENS does: ``build_sam2`` with its default post-processing
     (dynamic multimask via stability in eval mode), random weights, video modules removed."""
+    _check_packaged_config(spec.config)
     from sam2.build_sam import build_sam2  # heavy import (hydra): only when a model is built
 
     sam = build_sam2(spec.config, ckpt_path=None, device=str(device), mode="eval",
