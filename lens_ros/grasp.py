@@ -19,6 +19,11 @@ Pure numpy/OpenCV, no ROS. ``grasp_regions(mask, depth, intrinsics, config)`` re
   ray (``"camera"``). Without a visible support plane the footprint is taken perpendicular to
   the camera ray instead and the approach is along the ray.
 
+Input that cannot describe a real scene degrades to 2-D regions with a ``reason``, never to an
+exception or a non-finite number: intrinsics implausible for the image (``Intrinsics.implausible_for``),
+depth readings outside ``min_depth_m``..``max_depth_m`` (counted as invalid), and, as a last
+guard, any 3-D candidate with a number that is not a finite float32 (what ``GraspRegion`` carries).
+
 Conventions: pixel (u, v) = (column, row), integer coordinates at pixel centres; the camera
 optical frame is x right, y down, z forward; angles in the image go from +u towards +v.
 """
@@ -47,6 +52,22 @@ BORDER_NOTE = "mask touches the image border: the object may be wider than it lo
 RANSAC_ITERATIONS = 64
 RANSAC_MAX_POINTS = 600
 RANSAC_MIN_INLIER_FRACTION = 0.3
+# Pinhole plausibility of intrinsics for an image: a pinhole camera images rays less than 90
+# degrees off its optical axis, and a real lens sees more than a sliver of the world. Rays at
+# 89.5 degrees or more at the image's edges (a field of view of 179 degrees or more when the
+# principal point is central), or a whole image spanning less than 1 degree (a focal length of
+# about 57 image widths), describe no camera: back-projection with them puts the points
+# kilometres off or overflows. A principal point off the image (a crop) is fine within these.
+MAX_RAY_ANGLE_DEG = 89.5
+MIN_IMAGE_SPAN_DEG = 1.0
+# Every number of a returned candidate must fit the float32 fields of a GraspRegion.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+CANDIDATE_NUMBERS = ("center_px", "angle_rad", "width_px", "length_px", "quality", "position_m", "closing_axis",
+                     "approach_axis", "width_m", "object_width_m")
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -60,7 +81,7 @@ class Intrinsics:
 
     def __post_init__(self):
         values = (self.fx, self.fy, self.cx, self.cy)
-        if not all(isinstance(v, (int, float, np.floating, np.integer)) and math.isfinite(v) for v in values):
+        if not all(_finite_number(v) for v in values):
             raise ValueError(f"intrinsics must be finite numbers, got fx={self.fx} fy={self.fy} "
                              f"cx={self.cx} cy={self.cy}")
         if self.fx <= 0 or self.fy <= 0:
@@ -73,6 +94,27 @@ class Intrinsics:
         if k.size != 9:
             raise ValueError(f"camera matrix must have 9 elements, got {k.size}")
         return cls(float(k[0]), float(k[4]), float(k[2]), float(k[5]))
+
+    def implausible_for(self, width: int, height: int) -> str:
+        """Why these cannot be a pinhole camera's intrinsics for a ``width`` x ``height`` image,
+        or "" when they can: along each axis the rays through the image's edges must stay under
+        ``MAX_RAY_ANGLE_DEG`` off the optical axis and span at least ``MIN_IMAGE_SPAN_DEG``."""
+        problems = []
+        for axis, focal, centre, size in (("x", self.fx, self.cx, width), ("y", self.fy, self.cy, height)):
+            # The image's edges lie half a pixel beyond the first and last pixel centres. atan2
+            # neither overflows nor divides by zero, whatever the (finite) numbers.
+            first = math.degrees(math.atan2(-0.5 - centre, focal))
+            last = math.degrees(math.atan2(size - 0.5 - centre, focal))
+            widest = max(abs(first), abs(last))
+            if widest >= MAX_RAY_ANGLE_DEG:
+                problems.append(f"its rays in {axis} reach {widest:.1f} degrees off the optical axis "
+                                f"(a pinhole camera's stay under {MAX_RAY_ANGLE_DEG:g})")
+            elif last - first < MIN_IMAGE_SPAN_DEG:
+                problems.append(f"it spans {last - first:.3g} degrees in {axis} (at least {MIN_IMAGE_SPAN_DEG:g})")
+        if not problems:
+            return ""
+        return (f"intrinsics are implausible for a {width}x{height} image (fx={self.fx:.6g} fy={self.fy:.6g} "
+                f"cx={self.cx:.6g} cy={self.cy:.6g}): " + "; ".join(problems))
 
     def project(self, points) -> np.ndarray:
         """(..., 3) camera-frame points -> (..., 2) pixel coordinates (u, v)."""
@@ -108,14 +150,27 @@ class GraspConfig:
     support_ring_px: tuple = (4, 24)
     """Inner and outer distance (pixels) of the ring around the mask where the support plane is
     fitted; the inner gap keeps the mask's edge out of it."""
+    min_depth_m: float = 0.05
+    """Nearest plausible depth reading (metres); nearer ones count as invalid, like 0 and NaN.
+    5 cm is below the near limit of common RGB-D cameras (RealSense D405 about 7 cm, D435 and
+    Azure Kinect a few tenths of a metre), so only readings no camera makes (1e-38 m) go."""
+    max_depth_m: float = 10.0
+    """Farthest plausible depth reading (metres); farther ones count as invalid. 10 m is the far
+    end of common RGB-D cameras' range and far beyond an arm's reach; raise it for long-range
+    stereo cameras if the support plane lies further away."""
 
     def __post_init__(self):
-        for name in ("max_opening_m", "finger_length_m", "finger_width_m"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"GraspConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("max_opening_m", "finger_length_m", "finger_width_m", "min_depth_m", "max_depth_m"):
+            value = getattr(self, name)
+            if not (_finite_number(value) and value > 0):
+                raise ValueError(f"GraspConfig.{name} must be positive and finite, got {value}")
         for name in ("margin_m", "margin_px", "min_object_height_m"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"GraspConfig.{name} must be >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not (_finite_number(value) and value >= 0):
+                raise ValueError(f"GraspConfig.{name} must be >= 0 and finite, got {value}")
+        if not self.min_depth_m < self.max_depth_m:
+            raise ValueError(f"GraspConfig.min_depth_m ({self.min_depth_m}) must be below GraspConfig.max_depth_m "
+                             f"({self.max_depth_m})")
         if self.approach not in APPROACHES:
             raise ValueError(f"GraspConfig.approach must be one of {', '.join(APPROACHES)}, got {self.approach!r}")
         if self.component not in COMPONENTS:
@@ -152,9 +207,10 @@ def grasp_regions(mask, depth=None, intrinsics: Intrinsics | None = None, config
     """Grasp candidates on the object in ``mask``, best first.
 
     ``mask``: bool (H, W). ``depth``: (H, W), uint16 millimetres or float metres, aligned to the
-    mask; 0, NaN and inf are invalid. ``intrinsics`` must come with ``depth``. ``box``
-    (x1, y1, x2, y2) picks the component when ``config.component == "box"``. Raises
-    ``ValueError`` for unusable input; degraded results carry a ``reason`` instead.
+    mask; 0, NaN, inf and readings outside ``config.min_depth_m``..``max_depth_m`` are invalid.
+    ``intrinsics`` must come with ``depth``; implausible ones for the mask's size give 2-D
+    regions. ``box`` (x1, y1, x2, y2) picks the component when ``config.component == "box"``.
+    Raises ``ValueError`` for malformed input; degraded results carry a ``reason`` instead.
     """
     config = config or GraspConfig()
     mask = _check_mask(mask)
@@ -175,11 +231,42 @@ def grasp_regions(mask, depth=None, intrinsics: Intrinsics | None = None, config
     planar = _regions_2d(component, config, notes, (u0, v0))
     if depth is None:
         return planar
-    roi_depth = _in_metres(depth[v0:v1, u0:u1])
-    spatial, why_not = _regions_3d(roi & component, component, roi_depth, intrinsics, config, notes, (u0, v0))
+    implausible = intrinsics.implausible_for(mask.shape[1], mask.shape[0])
+    if implausible:
+        return _degraded(planar, f"{implausible}: 2-D regions only")
+    roi_depth, out_of_range = _usable_depth(depth[v0:v1, u0:u1], config)
+    spatial, why_not = _regions_3d(roi & component, component, roi_depth, out_of_range, intrinsics, config, notes,
+                                   (u0, v0))
+    spatial, why_not = _publishable(spatial, why_not)
     if spatial:
         return spatial
+    return _degraded(planar, why_not)
+
+
+def _degraded(planar: list[GraspCandidate], why_not: str) -> list[GraspCandidate]:
+    """The 2-D candidates, their reason led by why there is no 3-D grasp."""
     return [replace(c, reason=_join(why_not, c.reason)) for c in planar]
+
+
+def _publishable(candidates: list[GraspCandidate], why_not: str) -> tuple[list[GraspCandidate], str]:
+    """Defence in depth: only 3-D candidates whose every number is a finite float32 (what a
+    GraspRegion carries) are returned; absurd but valid settings can overflow the geometry."""
+    problems = [_first_unusable_number(c) for c in candidates]
+    kept = [c for c, problem in zip(candidates, problems) if not problem]  # the others are no grasp at all
+    if candidates and not kept:
+        return [], f"the 3-D estimate is unusable ({problems[0]} is not a finite float32): 2-D regions only"
+    return kept, why_not
+
+
+def _first_unusable_number(candidate: GraspCandidate) -> str:
+    """"name=value" of the candidate's first number that is not a finite float32, or ""."""
+    for name in CANDIDATE_NUMBERS:
+        value = getattr(candidate, name)
+        numbers = () if value is None else value if isinstance(value, tuple) else (value,)  # 2-D: no position
+        for number in numbers:
+            if not (math.isfinite(number) and abs(number) <= FLOAT32_MAX):
+                return f"{name}={number:g}"
+    return ""
 
 
 # --- input ---------------------------------------------------------------------------------
@@ -205,6 +292,15 @@ def _check_depth(depth, shape) -> None:
         raise ValueError(f"depth is {depth.shape[1]}x{depth.shape[0]} but the mask is {shape[1]}x{shape[0]}")
     if depth.dtype != np.uint16 and not np.issubdtype(depth.dtype, np.floating):
         raise ValueError(f"depth must be uint16 (mm) or float (m), got {depth.dtype}")
+
+
+def _usable_depth(depth: np.ndarray, config: GraspConfig) -> tuple[np.ndarray, np.ndarray]:
+    """``_in_metres`` with readings outside ``min_depth_m``..``max_depth_m`` set to 0 too, and
+    where those were (for the reason when too little depth is left)."""
+    metres = _in_metres(depth)
+    out_of_range = (metres > 0) & ((metres < config.min_depth_m) | (metres > config.max_depth_m))
+    metres[out_of_range] = 0
+    return metres, out_of_range
 
 
 def _in_metres(depth: np.ndarray) -> np.ndarray:
@@ -337,15 +433,19 @@ class _Plane:
     noise_m: float  # RMS of the inliers' distances
 
 
-def _regions_3d(roi_mask: np.ndarray, component: np.ndarray, roi_depth: np.ndarray, intrinsics: Intrinsics,
-                config: GraspConfig, notes: list[str], offset) -> tuple[list[GraspCandidate], str]:
+def _regions_3d(roi_mask: np.ndarray, component: np.ndarray, roi_depth: np.ndarray, out_of_range: np.ndarray,
+                intrinsics: Intrinsics, config: GraspConfig, notes: list[str],
+                offset) -> tuple[list[GraspCandidate], str]:
     u0, v0 = offset
     total = int(roi_mask.sum())
     keep = roi_mask & (roi_depth > 0) & ~_depth_discontinuities(roi_depth, roi_mask)
     valid = int(keep.sum())
     if valid < config.min_valid_points:
-        return [], (f"only {valid} of {total} mask pixels have usable depth (need {config.min_valid_points}): "
-                    "2-D regions only")
+        outside = int((roi_mask & out_of_range).sum())
+        range_note = (f"; {outside} outside min_depth_m..max_depth_m, {config.min_depth_m:g}..{config.max_depth_m:g} m"
+                      if outside else "")
+        return [], (f"only {valid} of {total} mask pixels have usable depth (need {config.min_valid_points}"
+                    f"{range_note}): 2-D regions only")
     stride = math.ceil(math.sqrt(valid / MAX_OBJECT_POINTS))
     if stride > 1:  # large objects: a regular pixel grid keeps the shape at a fraction of the cost
         sparse = np.zeros_like(keep)

@@ -454,3 +454,48 @@ def test_header_is_copied_not_shared():
     msg = result_to_segmentation(segmentation_result(), stamp, 1)
     stamp.frame_id = "changed"
     assert msg.header.frame_id == msg.mask.header.frame_id == "camera_color_optical_frame"
+
+
+# -- non-finite grasp numbers never reach a message -------------------------------------------------
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def region_numbers(region) -> list[float]:
+    p, o = region.pose.position, region.pose.orientation
+    return [region.center_u, region.center_v, region.angle, region.width_px, region.length_px, region.quality,
+            region.width_m, p.x, p.y, p.z, o.x, o.y, o.z, o.w]
+
+
+@pytest.mark.parametrize("bad, why", [
+    (dict(position_m=(np.nan, 0.0, 0.5)), "position_m (nan, 0.0, 0.5) is not finite"),
+    (dict(position_m=(0.0, 0.0, np.inf)), "position_m (0.0, 0.0, inf) is not finite"),
+    (dict(width_m=np.inf), "width_m inf is not a finite float32"),
+    (dict(width_m=1e300), "width_m 1e+300 is not a finite float32"),  # inf once in the float32 field
+    (dict(closing_axis=np.array([np.nan, 0.0, 0.0])), "axes must be finite and non-zero"),
+    (dict(approach_axis=np.array([0.0, 0.0, -np.inf])), "axes must be finite and non-zero"),
+    (dict(closing_axis=np.array([0.0, 0.0, 1.0])), "is parallel to z_axis"),  # used to raise ValueError
+], ids=["nan-position", "inf-position", "inf-width", "huge-width", "nan-closing", "inf-approach", "parallel"])
+def test_a_grasp_with_an_unusable_3d_part_is_published_2d_with_a_reason(bad, why):
+    """The 3-D part is dropped (has_3d false, the default pose, width_m 0); the image-plane
+    region stays, and its reason says why. Nothing non-finite goes on the wire."""
+    fields = dict(closing_axis=np.array([1.0, 0.0, 0.0]), approach_axis=np.array([0.0, 0.0, 1.0]), reason="border")
+    grasp = FakeGraspCandidate(**{**fields, **bad})
+    msg = result_to_segmentation(segmentation_result(grasps=[grasp]), header(), 1)
+    (region,) = msg.grasps
+    assert not region.has_3d and region.width_m == 0.0 and region.pose == GraspRegion().pose
+    assert region.reason.startswith("border; 3-D grasp dropped: ") and why in region.reason, region.reason
+    assert (region.center_u, region.center_v, region.width_px) == (12.5, 20.25, 18.0)
+    received = deserialize_message(serialize_message(msg), Segmentation).grasps[0]
+    assert all(np.isfinite(v) for v in region_numbers(received))
+
+
+@pytest.mark.parametrize("bad", [dict(center_px=(np.nan, 3.0)), dict(angle_rad=np.inf), dict(width_px=1e39),
+                                 dict(length_px=-np.inf), dict(quality=np.nan)],
+                         ids=["center", "angle", "width", "length", "quality"])
+def test_a_grasp_with_non_finite_image_numbers_is_left_out(bad):
+    """Nothing of such a region is usable: the message carries the other grasps only."""
+    frame = dict(closing_axis=np.array([1.0, 0.0, 0.0]), approach_axis=np.array([0.0, 0.0, 1.0]))
+    good = FakeGraspCandidate(**frame)
+    msg = result_to_segmentation(segmentation_result(grasps=[FakeGraspCandidate(**frame, **bad), good]), header(), 1)
+    assert len(msg.grasps) == 1 and msg.grasps[0].has_3d
+    assert all(np.isfinite(v) and abs(v) <= FLOAT32_MAX for v in region_numbers(msg.grasps[0]))

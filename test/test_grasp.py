@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 
@@ -312,3 +313,134 @@ def test_the_benchmark_scene_gives_the_expected_grasp(capsys):
         assert re.search(r"width 6[01] mm at z 0\.560 m$", row), row
     for row in rows[2:]:
         assert row.endswith("wider than max_opening_m (80 mm): no 3-D grasp"), row
+
+
+# --- implausible input: 2-D grasps with a reason, never a non-finite number ----------------------
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def numbers_of(g: GraspCandidate) -> list[float]:
+    """Every number of a candidate that a GraspRegion message carries (float32 on the wire)."""
+    values = [*g.center_px, g.angle_rad, g.width_px, g.length_px, g.quality, g.width_m, g.object_width_m]
+    if g.has_3d:
+        values += [*g.position_m, *g.closing_axis, *g.approach_axis]
+    return values
+
+
+def assert_publishable(grasps):
+    for g in grasps:
+        bad = [v for v in numbers_of(g) if not (math.isfinite(v) and abs(v) <= FLOAT32_MAX)]
+        assert not bad, f"non-finite (or beyond float32) numbers {bad} in {g}"
+
+
+@functools.cache
+def box_scene():
+    """One rendered scene for the tests below (read only): rendering takes a tenth of a second."""
+    return render(OBJECTS["box"], orbit(*POSES[1]))
+
+
+def assert_planar_with_reason(scene, grasps, reason):
+    planar = grasp_regions(scene.mask)
+    # the same regions up to rounding (with depth the work area around the mask is larger)
+    np.testing.assert_allclose([g.center_px for g in grasps], [g.center_px for g in planar], rtol=0, atol=1e-9)
+    assert not any(g.has_3d for g in grasps)
+    assert all(reason in g.reason for g in grasps), grasps[0].reason
+    assert_publishable(grasps)
+
+
+@pytest.mark.parametrize("fx, fy, cx, cy", [
+    (1e-300, 1e-300, 319.5, 239.5),  # used to raise "negative dimensions are not allowed"
+    (1e300, 1e300, 319.5, 239.5),  # used to give a 3-D grasp with its centre at v = -2e297
+    (1e-6, 1e-6, 319.5, 239.5),
+    (1e9, 1e9, 319.5, 239.5),
+    (600, 600, 1e6, 239.5),  # principal point far off the image
+    (600, 600, 319.5, -1e300),
+    (600, 1e-300, 319.5, 239.5),  # one axis is enough
+], ids=["fx1e-300", "fx1e300", "fx1e-6", "fx1e9", "cx1e6", "cy-1e300", "fy1e-300"])
+def test_implausible_intrinsics_give_2d_grasps_with_a_reason(fx, fy, cx, cy):
+    scene = box_scene()
+    grasps = grasp_regions(scene.mask, depth=scene.depth, intrinsics=Intrinsics(fx, fy, cx, cy))
+    assert_planar_with_reason(scene, grasps, "intrinsics are implausible for a 640x480 image")
+    assert grasps[0].reason.endswith(": 2-D regions only")
+
+
+def test_intrinsics_plausibility_bounds():
+    """A pinhole image spans at least 1 degree along each axis and all its rays are less than
+    89.5 degrees off the optical axis (a field of view under 179 degrees when centred)."""
+    assert Intrinsics(600, 600, 319.5, 239.5).implausible_for(640, 480) == ""
+    assert Intrinsics(600, 600, -1600, 1200).implausible_for(640, 480) == ""  # a crop far off-centre
+    # 1 degree across 640 px: fx = 320 / tan(0.5 deg) = 36666.3 px
+    assert Intrinsics(36_600, 36_600, 319.5, 239.5).implausible_for(640, 480) != ""  # 480 px: 0.75 deg
+    assert Intrinsics(36_600, 27_400, 319.5, 239.5).implausible_for(640, 480) == ""
+    assert Intrinsics(36_700, 27_400, 319.5, 239.5).implausible_for(640, 480) != ""
+    # 179 degrees across 640 px: fx = 320 / tan(89.5 deg) = 2.79 px
+    assert Intrinsics(2.9, 2.1, 319.5, 239.5).implausible_for(640, 480) == ""
+    assert Intrinsics(2.7, 2.1, 319.5, 239.5).implausible_for(640, 480) != ""
+    why = Intrinsics(1e-300, 600, 319.5, 239.5).implausible_for(640, 480)
+    assert why == ("intrinsics are implausible for a 640x480 image (fx=1e-300 fy=600 cx=319.5 cy=239.5): "
+                   "its rays in x reach 90.0 degrees off the optical axis (a pinhole camera's stay under 89.5)")
+    why = Intrinsics(1e9, 1e9, 319.5, 239.5).implausible_for(640, 480)
+    assert "it spans 3.67e-05 degrees in x (at least 1)" in why and "2.75e-05 degrees in y" in why
+
+
+@pytest.mark.parametrize("value", [1e-38, 0.01, 1e6, 10.5])
+def test_depth_outside_the_plausible_range_is_invalid(value):
+    """1e-38 m everywhere used to give a 3-D grasp at the camera centre."""
+    scene = box_scene()
+    depth = np.full_like(scene.depth, value)
+    grasps = grasp_regions(scene.mask, depth=depth, intrinsics=intrinsics_of(scene))
+    total = int(scene.mask.sum())
+    assert_planar_with_reason(scene, grasps, f"only 0 of {total} mask pixels have usable depth (need 50; "
+                                             f"{total} outside min_depth_m..max_depth_m, 0.05..10 m): "
+                                             "2-D regions only")
+
+
+def test_the_depth_range_is_configurable_and_applies_to_millimetres():
+    scene = box_scene()
+    camera = intrinsics_of(scene)
+    near = GraspConfig(max_depth_m=0.3, margin_m=0.005, max_opening_m=0.1)  # the scene is at 0.4-0.7 m
+    grasps = grasp_regions(scene.mask, depth=depth_mm(scene), intrinsics=camera, config=near)
+    assert not any(g.has_3d for g in grasps) and "0.05..0.3 m" in grasps[0].reason
+    far = GraspConfig(min_depth_m=0.2, max_depth_m=1.0, margin_m=0.005, max_opening_m=0.1)
+    check_3d(scene, grasp_regions(scene.mask, depth=depth_mm(scene), intrinsics=camera, config=far)[0],
+             center_mm=5, angle_deg=5, width_mm=3)
+    wide = np.full((480, 640), 65535, np.uint16)  # 65.5 m: the largest millimetre reading
+    assert not grasp_regions(scene.mask, depth=wide, intrinsics=camera)[0].has_3d
+
+
+@pytest.mark.parametrize("config", [
+    dict(finger_width_m=1e300),  # used to give length_px = inf
+    dict(max_opening_m=1e300, margin_m=1e300),  # used to give width_m = 1e300, inf as a float32
+], ids=["finger_width", "opening"])
+def test_3d_results_beyond_float32_become_2d_with_a_reason(config):
+    """Defence in depth: a 3-D result is returned only when every number in it is a finite
+    float32 (what GraspRegion carries); absurd but valid settings fall back to 2-D."""
+    scene = render(OBJECTS["box"], orbit(*POSES[0]))  # straight down: the jaw pads' ends project far out
+    grasps = grasp_regions(scene.mask, depth=scene.depth, intrinsics=intrinsics_of(scene),
+                           config=GraspConfig(**config))
+    assert_planar_with_reason(scene, grasps, "the 3-D estimate is unusable (")
+    unusable = r"\((width_px|width_m|length_px)=[-\w.+]+ is not a finite float32\): 2-D regions only$"
+    assert re.search(unusable, grasps[0].reason), grasps[0].reason
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_depth_m=0), "GraspConfig.min_depth_m must be positive and finite, got 0"),
+    (dict(min_depth_m=-0.1), "GraspConfig.min_depth_m must be positive and finite, got -0.1"),
+    (dict(max_depth_m=math.inf), "GraspConfig.max_depth_m must be positive and finite, got inf"),
+    (dict(max_depth_m=math.nan), "GraspConfig.max_depth_m must be positive and finite, got nan"),
+    (dict(max_depth_m="10"), "GraspConfig.max_depth_m must be positive and finite, got 10"),
+    (dict(min_depth_m=2.0, max_depth_m=1.0),
+     "GraspConfig.min_depth_m (2.0) must be below GraspConfig.max_depth_m (1.0)"),
+    (dict(min_depth_m=1.0, max_depth_m=1.0),
+     "GraspConfig.min_depth_m (1.0) must be below GraspConfig.max_depth_m (1.0)"),
+    (dict(max_opening_m=math.inf), "GraspConfig.max_opening_m must be positive and finite, got inf"),
+    (dict(margin_m=math.inf), "GraspConfig.margin_m must be >= 0 and finite, got inf"),
+])
+def test_grasp_config_refuses_bad_depth_ranges_and_infinite_sizes(kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GraspConfig(**kwargs)
+
+
+def test_depth_range_defaults():
+    assert (GraspConfig().min_depth_m, GraspConfig().max_depth_m) == (0.05, 10.0)

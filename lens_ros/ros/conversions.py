@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # the pipeline imports torch; only result_to_segmentation nee
 # The attributes of lens_ros.grasp.GraspCandidate that a GraspRegion is made from.
 GRASP_CANDIDATE_FIELDS = ("center_px", "angle_rad", "width_px", "length_px", "quality", "has_3d",
                           "position_m", "closing_axis", "approach_axis", "width_m", "reason")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _copy_header(header: Header | None) -> Header:
@@ -148,25 +149,64 @@ def quaternion_from_axes(x_axis, z_axis) -> np.ndarray:
     return _quaternion_from_matrix(np.column_stack((x, y, z)))
 
 
+def _require_grasp_fields(grasp) -> None:
+    missing = [name for name in GRASP_CANDIDATE_FIELDS if not hasattr(grasp, name)]
+    if missing:
+        raise TypeError(f"grasp {type(grasp).__name__} lacks the GraspCandidate fields {', '.join(missing)}")
+
+
+def _finite_float32(value: float) -> bool:
+    """Finite once stored in a float32 message field."""
+    return np.isfinite(value) and abs(value) <= _FLOAT32_MAX
+
+
+def _image_plane_numbers(grasp) -> list[float]:
+    center_u, center_v = grasp.center_px
+    return [float(v) for v in (center_u, center_v, grasp.angle_rad, grasp.width_px, grasp.length_px, grasp.quality)]
+
+
+def _publishable_in_2d(grasp) -> bool:
+    """Whether the grasp's image-plane numbers are finite float32s (GraspRegion's fields)."""
+    return all(_finite_float32(v) for v in _image_plane_numbers(grasp))
+
+
 def grasp_to_region(grasp) -> GraspRegion:
     """A GraspRegion from a ``GraspCandidate`` (or any object with its fields).
 
     The pose (set only when ``has_3d``) has its x axis along the closing direction and its z
-    axis along the approach direction, as GraspRegion.msg specifies.
+    axis along the approach direction, as GraspRegion.msg specifies. A 3-D part that cannot be
+    published (a non-finite position, a width_m that is not a finite float32, axes that give no
+    rotation) is dropped: the region goes out 2-D, its reason says why, and a planner never
+    receives a NaN pose. Non-finite image-plane numbers leave nothing to publish: ValueError.
     """
-    missing = [name for name in GRASP_CANDIDATE_FIELDS if not hasattr(grasp, name)]
-    if missing:
-        raise TypeError(f"grasp {type(grasp).__name__} lacks the GraspCandidate fields {', '.join(missing)}")
-    center_u, center_v = grasp.center_px
-    region = GraspRegion(center_u=float(center_u), center_v=float(center_v), angle=float(grasp.angle_rad),
-                         width_px=float(grasp.width_px), length_px=float(grasp.length_px),
-                         quality=float(grasp.quality), has_3d=bool(grasp.has_3d), reason=str(grasp.reason or ""))
-    if region.has_3d:
-        px, py, pz = (float(v) for v in grasp.position_m)
-        qx, qy, qz, qw = (float(v) for v in quaternion_from_axes(grasp.closing_axis, grasp.approach_axis))
-        region.pose = Pose(position=Point(x=px, y=py, z=pz), orientation=Quaternion(x=qx, y=qy, z=qz, w=qw))
-        region.width_m = float(grasp.width_m)
+    _require_grasp_fields(grasp)
+    if not _publishable_in_2d(grasp):
+        raise ValueError(f"grasp has non-finite image-plane numbers: center_px={tuple(grasp.center_px)} "
+                         f"angle_rad={grasp.angle_rad} width_px={grasp.width_px} length_px={grasp.length_px} "
+                         f"quality={grasp.quality}")
+    center_u, center_v, angle, width_px, length_px, quality = _image_plane_numbers(grasp)
+    region = GraspRegion(center_u=center_u, center_v=center_v, angle=angle, width_px=width_px, length_px=length_px,
+                         quality=quality, has_3d=False, reason=str(grasp.reason or ""))
+    if grasp.has_3d:
+        try:
+            region.pose, region.width_m = _pose_and_width(grasp)
+            region.has_3d = True
+        except ValueError as exc:
+            region.reason = "; ".join(part for part in (region.reason, f"3-D grasp dropped: {exc}") if part)
     return region
+
+
+def _pose_and_width(grasp) -> tuple[Pose, float]:
+    """The 3-D part of a region; ValueError when any of it is not finite in the message."""
+    position = tuple(float(v) for v in grasp.position_m)
+    if not all(np.isfinite(position)):
+        raise ValueError(f"position_m {position} is not finite")
+    width = float(grasp.width_m)
+    if not _finite_float32(width):
+        raise ValueError(f"width_m {width:g} is not a finite float32")
+    qx, qy, qz, qw = (float(v) for v in quaternion_from_axes(grasp.closing_axis, grasp.approach_axis))
+    px, py, pz = position
+    return Pose(position=Point(x=px, y=py, z=pz), orientation=Quaternion(x=qx, y=qy, z=qz, w=qw)), width
 
 
 def result_to_segmentation(result: SegmentationResult, header: Header | None, request_id: int) -> Segmentation:
@@ -187,7 +227,14 @@ def result_to_segmentation(result: SegmentationResult, header: Header | None, re
     msg.box = np.asarray(box, dtype=np.float32).reshape(4)
     mask = result.mask if result.mask is not None else np.zeros((0, 0), dtype=bool)
     msg.mask = mask_to_image(mask, header)
-    msg.grasps = [grasp_to_region(grasp) for grasp in result.grasps]
+    # A grasp whose image-plane numbers are not finite has nothing usable to publish: left out
+    # (lens_ros.grasp never returns one; this keeps NaN off the wire whatever produced the result).
+    regions = []
+    for grasp in result.grasps:
+        _require_grasp_fields(grasp)  # a wrong type is a bug: TypeError, not a silent omission
+        if _publishable_in_2d(grasp):
+            regions.append(grasp_to_region(grasp))
+    msg.grasps = regions
     # Driven by the dataclass, so a stage added to StageTimings without its message field
     # fails here (AttributeError on the message's slots) instead of being dropped silently.
     for stage in dataclasses.fields(StageTimings):
