@@ -57,6 +57,7 @@ setup(
             "lens-make-synthetic=lens_ros.training.synthetic:main",
             "lens-train=lens_ros.training.cli:train_main",
             "lens-eval=lens_ros.training.evaluate:eval_main",
+            "lens-episodes=lens_ros.episodes:main",
         ],
     },
     zip_safe=False,

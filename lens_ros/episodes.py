@@ -27,7 +27,9 @@ chunk (`McapWriter.close_chunk()`, which writes the Chunk record and its message
 flushes and fsyncs the file. A crash right after `record()` returns therefore loses nothing that
 was recorded; the bag then lacks its footer, summary and metadata.yaml, which `read_episodes`
 does not need (it reads the data section as a stream and stops at the first incomplete record).
-`ros2 bag reindex <bag>` rebuilds metadata.yaml for ROS tools.
+ROS tools, rosbags' AnyReader and Foxglove need them: `lens-episodes repair DIR` (`repair_bag`,
+below) rewrites such a bag into a complete one holding exactly its complete episodes. While a
+recorder writes a bag it holds an flock on the .mcap, so a repair leaves a live bag alone.
 
 Errors: the recorder is a side job of a robot node and must never take the node down. An
 OSError (unwritable directory, disk full, I/O error) in `record()`/`record_feedback()` is not
@@ -47,12 +49,18 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import lens_ros
+
+try:
+    import fcntl  # POSIX: the lock between a live recorder and `lens-episodes repair`
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -370,6 +378,7 @@ class EpisodeRecorder:
             # recording instead of silently losing the per-episode durability.
             raise RuntimeError("lens_ros episodes: this rosbags' McapWriter has no close_chunk()/bio; "
                                "per-episode durability needs rosbags 0.11 (see lens_ros/episodes.py)")
+        _hold_writer_lock(storage.bio)
         qos = _offered_qos()
         self._connections = {
             topic: writer.add_connection(topic, msgtype, msgdef=self._definitions[msgtype][0],
@@ -432,6 +441,21 @@ class EpisodeRecorder:
     def _fail(self, message):
         self._last_error = message
         logger.error("lens_ros episodes: %s", message)
+
+
+def _hold_writer_lock(file):
+    """flock the .mcap being recorded so that `repair_bag` leaves a live bag alone.
+
+    The lock lasts as long as the file is open in this process: close() and abort() release
+    it, and so does the kernel when the process dies (kill -9 included), which is exactly
+    when a bag becomes repairable. Best effort: where flock is unsupported, nothing changes.
+    """
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # no locks on this filesystem (some network mounts); recording matters more
 
 
 def _fsync_path(path: Path):
@@ -535,48 +559,63 @@ class _ExactReads:
         return data
 
 
-def _stream_messages(mcap_path: Path):
-    """(topic, msgtype, msgdef text, log_time, CDR bytes) in file order, up to the first damage.
+class _McapStream:
+    """One streaming (non-seeking) pass over an .mcap file, up to its first damage.
 
-    A streaming (non-seeking) read needs no summary or footer, which a killed recorder never
-    wrote. Schemas and channels precede their messages in the stream (rosbags writes them into
-    the first chunk).
+    `messages()` yields (topic, msgtype, msgdef text, log_time, CDR bytes) in file order. While it
+    runs, `channels` fills with {channel id: (mcap Channel, its Schema or None)} in file order and
+    `messages_read` counts what it yielded; `repair_bag` needs both to rebuild the bag.
+
+    A streaming read needs no summary or footer, which a killed recorder never wrote. Schemas and
+    channels precede their messages in the stream (rosbags writes them into the first chunk).
     """
-    import struct
 
-    from mcap.exceptions import McapError
-    from mcap.records import Channel, Message, Schema
-    from mcap.stream_reader import StreamReader
+    def __init__(self, mcap_path: Path):
+        self.path = Path(mcap_path)
+        self.channels = {}
+        self.messages_read = 0
 
-    schemas = {}
-    channels = {}
-    with open(mcap_path, "rb") as file:
-        try:
-            for record in StreamReader(_ExactReads(file)).records:
-                if isinstance(record, Schema):
-                    schemas[record.id] = record
-                elif isinstance(record, Channel):
-                    channels[record.id] = record
-                elif isinstance(record, Message) and record.channel_id in channels:
-                    channel = channels[record.channel_id]
-                    schema = schemas.get(channel.schema_id)
-                    msgtype = schema.name if schema is not None else ""
-                    msgdef = schema.data.decode("utf-8") if schema is not None else ""
-                    yield channel.topic, msgtype, msgdef, record.log_time, record.data
-        except (McapError, struct.error, ValueError, EOFError) as err:
-            # The expected end of a bag whose recorder died (no footer, last record cut).
-            logger.warning("lens_ros episodes: %s ends early (%s: %s); using the complete records before it",
-                           mcap_path, type(err).__name__, err or "truncated")
+    def messages(self):
+        import struct
+
+        from mcap.exceptions import McapError
+        from mcap.records import Channel, Message, Schema
+        from mcap.stream_reader import StreamReader
+
+        schemas = {}
+        with open(self.path, "rb") as file:
+            try:
+                for record in StreamReader(_ExactReads(file)).records:
+                    if isinstance(record, Schema):
+                        schemas[record.id] = record
+                    elif isinstance(record, Channel):
+                        self.channels[record.id] = (record, schemas.get(record.schema_id))
+                    elif isinstance(record, Message) and record.channel_id in self.channels:
+                        channel, schema = self.channels[record.channel_id]
+                        msgtype = schema.name if schema is not None else ""
+                        msgdef = schema.data.decode("utf-8") if schema is not None else ""
+                        self.messages_read += 1
+                        yield channel.topic, msgtype, msgdef, record.log_time, record.data
+            except (McapError, struct.error, ValueError, EOFError) as err:
+                # The expected end of a bag whose recorder died (no footer, last record cut).
+                logger.warning("lens_ros episodes: %s ends early (%s: %s); using the complete records before it",
+                               self.path, type(err).__name__, str(err) or "truncated")
 
 
 def _episode_items(mcap_path: Path):
-    """('episode', {topic: (msgtype, msgdef, log_time, data)}) and ('feedback', same tuple).
+    """('episode', {topic: (msgtype, msgdef, log_time, data)}) and ('feedback', same tuple)."""
+    return _group_episodes(_McapStream(mcap_path).messages())
+
+
+def _group_episodes(messages):
+    """`_episode_items` for a stream of (topic, msgtype, msgdef, log_time, data).
 
     Groups by file order: messages before a Segmentation belong to it; an image starts a new
-    episode, so the remains of one whose Segmentation never got written are dropped.
+    episode, so the remains of one whose Segmentation never got written are dropped. An
+    episode's dict keeps file order (image first, Segmentation last).
     """
     pending = {}
-    for topic, msgtype, msgdef, log_time, data in _stream_messages(mcap_path):
+    for topic, msgtype, msgdef, log_time, data in messages:
         item = (msgtype, msgdef, log_time, data)
         if topic == TOPIC_FEEDBACK:
             yield "feedback", item
@@ -608,6 +647,14 @@ class _Decoder:
     def decode(self, item):
         msgtype, msgdef, _log_time, data = item
         return self._store_for(msgtype, msgdef).deserialize_cdr(data, msgtype)
+
+    def hash_rihs01(self, msgtype, msgdef):
+        """The RIHS01 type hash of `msgtype` as `msgdef` (a bag's stored schema) defines it.
+
+        MCAP channels do not store the hash (only metadata.yaml does), so a repaired bag
+        recomputes it from the definition the bag itself holds.
+        """
+        return self._store_for(msgtype, msgdef).hash_rihs01(msgtype)
 
     def _store_for(self, msgtype, msgdef):
         from rosbags.typesys import TypesysError, get_types_from_msg
@@ -700,3 +747,361 @@ def _attach_feedback(files) -> dict[tuple[int, int], list]:
         else:
             logger.info("lens_ros episodes: feedback for unknown episode %d ignored", message.request_id)
     return dict(attached)
+
+
+# --------------------------------------------------------------------------------------------
+# Repair (`lens-episodes repair`): the bag of a killed recorder -> a complete rosbag2 bag
+# --------------------------------------------------------------------------------------------
+#
+# Why the .mcap is rewritten rather than only given a metadata.yaml: rosbags' Reader (and so
+# AnyReader), ros2 bag's MCAP plugin and Foxglove's indexed reads need the MCAP footer and
+# summary; with a metadata.yaml alone AnyReader still fails ("File end magic is invalid").
+# Appending a footer in place would alter the original before a replacement exists, and would
+# keep the messages of an unfinished episode (rosbags flushes a 1 MiB chunk in the middle of an
+# episode with a large image). So the complete episodes and the feedback, the records
+# `read_episodes` returns, are copied byte for byte with their log times through rosbags' own
+# Writer (chunk indexes, statistics, summary, footer, metadata.yaml, as for a bag closed
+# normally) into a temporary bag inside the bag directory; it is fsynced and opened with
+# rosbags' Reader, and only then os.replace()d over the original: at every moment the bag's
+# .mcap is either the whole original or the whole repaired file.
+
+REPAIR_DIR = ".lens-repair"  # the temporary bag, inside the bag (read_episodes does not descend)
+BACKUP_SUFFIX = ".orig"  # <name>.mcap.orig: the original, with --keep-original
+
+# RepairReport.status values; "needs repair" only comes from inspect_bag.
+REPAIRED, COMPLETE, NEEDS_REPAIR, IN_USE, EMPTY, NOT_A_BAG, FAILED = (
+    "repaired", "complete", "needs repair", "in use", "empty", "not a bag", "failed")
+
+
+@dataclass
+class RepairReport:
+    """What `repair_bag` (or `inspect_bag`) found and did for one bag directory.
+
+    `episodes`/`feedback`: complete episodes and feedback records the bag holds (after a
+    repair: what was carried over). `left_out`: messages of unfinished episodes that were not.
+    """
+
+    path: Path
+    status: str
+    episodes: int = 0
+    feedback: int = 0
+    left_out: int = 0
+    error: str = ""
+
+    @property
+    def usable(self) -> bool:
+        """The bag now opens with rosbags/ros2 bag and holds something."""
+        return self.status in (REPAIRED, COMPLETE)
+
+    def line(self) -> str:
+        counts = f"{_plural(self.episodes, 'episode')}, {self.feedback} feedback"
+        counts_known = bool(self.episodes or self.feedback)
+        left_out = (f"; left out {_plural(self.left_out, 'message')} of an unfinished episode"
+                    if self.left_out else "")
+        detail = {
+            REPAIRED: f"repaired, {counts}{left_out}",
+            COMPLETE: f"already complete, {counts}",
+            NEEDS_REPAIR: f"needs repair (no footer or stale metadata.yaml), {counts} recoverable{left_out}",
+            IN_USE: "being recorded (a running recorder holds it)" + (f", {counts} so far" if counts_known else ""),
+            EMPTY: f"no complete episode or feedback to recover{left_out}, left as is",
+            NOT_A_BAG: f"not a bag ({self.error})",
+            FAILED: f"repair failed, original left as is: {self.error}",
+        }[self.status]
+        return f"{self.path}: {detail}"
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def repair(path, *, keep_original=False) -> list[RepairReport]:
+    """`repair_bag` for a bag directory, or for each bag directory inside a record directory."""
+    return [repair_bag(bag, keep_original=keep_original) for bag in _bag_candidates(Path(path))]
+
+
+def inspect_bags(path) -> list[RepairReport]:
+    """`inspect_bag` for a bag directory, or for each bag directory inside a record directory."""
+    return [inspect_bag(bag) for bag in _bag_candidates(Path(path))]
+
+
+def repair_bag(bag_dir, *, keep_original=False) -> RepairReport:
+    """Make a recorder's bag directory complete again, keeping exactly its complete episodes.
+
+    A bag that already opens with rosbags (metadata.yaml agreeing with an indexed .mcap) is
+    left untouched, so repairing twice is harmless; so is a bag a running recorder still
+    writes, and one holding nothing complete. Otherwise the .mcap is rewritten (see above);
+    `keep_original` keeps the original as <name>.mcap.orig. Problems are reported in the
+    RepairReport (status FAILED, the original untouched), not raised; only a path that does not
+    exist raises FileNotFoundError.
+    """
+    from rosbags.rosbag2 import ReaderError, WriterError
+    from rosbags.typesys import TypesysError
+
+    bag = Path(bag_dir)
+    mcap, report = _bag_mcap(bag)
+    if report is not None:
+        return report
+    with _unless_recording(mcap) as free:
+        if not free:
+            return RepairReport(bag, IN_USE)
+        complete = _complete_counts(bag, mcap)
+        if complete is not None:
+            return RepairReport(bag, COMPLETE, *complete)
+        try:
+            return _rewrite(bag, mcap, keep_original)
+        except (OSError, ReaderError, WriterError, TypesysError, ValueError) as err:
+            shutil.rmtree(bag / REPAIR_DIR, ignore_errors=True)
+            return RepairReport(bag, FAILED, error=f"{type(err).__name__}: {err}")
+
+
+def inspect_bag(bag_dir) -> RepairReport:
+    """What `repair_bag` would find, changing nothing (statuses COMPLETE, NEEDS_REPAIR, ...)."""
+    bag = Path(bag_dir)
+    mcap, report = _bag_mcap(bag)
+    if report is not None:
+        return report
+    complete = _complete_counts(bag, mcap)
+    if complete is not None:
+        return RepairReport(bag, COMPLETE, *complete)
+    with _unless_recording(mcap) as free:
+        stream = _McapStream(mcap)
+        episodes, feedback, kept = _count_complete(_group_episodes(stream.messages()))
+        status = (NEEDS_REPAIR if episodes + feedback else EMPTY) if free else IN_USE
+        return RepairReport(bag, status, episodes, feedback, stream.messages_read - kept)
+
+
+def _bag_candidates(path: Path) -> list[Path]:
+    """`path` itself when it is a bag (holds a .mcap) or a file, else its subdirectories."""
+    if not path.exists():
+        raise FileNotFoundError(f"lens_ros episodes: {path} does not exist")
+    if path.is_file() or any(path.glob("*.mcap")):
+        return [path]
+    return sorted((p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")), key=_natural_key)
+
+
+def _bag_mcap(bag: Path):
+    """(the bag's one .mcap, None), or (None, a report saying why `bag` cannot be repaired)."""
+    if not bag.exists():
+        raise FileNotFoundError(f"lens_ros episodes: {bag} does not exist")
+    if not bag.is_dir():
+        return None, RepairReport(bag, NOT_A_BAG, error="a file; give the bag directory holding it")
+    files = sorted(bag.glob("*.mcap"), key=_natural_key)
+    if not files:
+        return None, RepairReport(bag, NOT_A_BAG, error="no .mcap file in it")
+    if len(files) > 1:  # a split ros2 bag, not one of EpisodeRecorder's
+        return None, RepairReport(bag, FAILED, error=f"holds {len(files)} .mcap files; "
+                                  "EpisodeRecorder writes one per bag directory")
+    return files[0], None
+
+
+@contextmanager
+def _unless_recording(mcap: Path):
+    """Hold an exclusive flock on the .mcap: yields True, or False if a recorder holds it.
+
+    Held for the whole repair, so two repairs of one bag cannot interleave either.
+    """
+    with open(mcap, "rb") as file:  # closing it releases the lock
+        yield _try_lock(file)
+
+
+def _try_lock(file) -> bool:
+    if fcntl is None:
+        return True
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:
+        pass  # no locks on this filesystem: as on the recorder's side, go on without
+    return True
+
+
+def _complete_counts(bag: Path, mcap: Path) -> tuple[int, int] | None:
+    """(episodes, feedback) if the bag opens with rosbags and metadata.yaml matches the .mcap.
+
+    rosbags' Reader on the directory trusts metadata.yaml for counts (a stale one left beside a
+    truncated or repaired file would lie) and on the .mcap reads its summary, which only a
+    closed file has; the bag is complete when both open and agree.
+    """
+    from rosbags.rosbag2 import Reader, ReaderError
+
+    if not (bag / "metadata.yaml").is_file():
+        return None
+    try:
+        with Reader(bag) as described, Reader(mcap) as stored:
+            topics = _topic_counts(described)
+            if described.message_count != stored.message_count or topics != _topic_counts(stored):
+                return None
+    except (ReaderError, OSError, ValueError, KeyError):
+        return None
+    return topics.get(TOPIC_SEGMENTATION, 0), topics.get(TOPIC_FEEDBACK, 0)
+
+
+def _topic_counts(reader) -> dict[str, int]:
+    return {topic: info.msgcount for topic, info in reader.topics.items()}
+
+
+def _count_complete(items) -> tuple[int, int, int]:
+    """(episodes, feedback, messages in them) of `_group_episodes` items."""
+    episodes = feedback = messages = 0
+    for kind, payload in items:
+        if kind == "episode":
+            episodes += 1
+            messages += len(payload)
+        else:
+            feedback += 1
+            messages += 1
+    return episodes, feedback, messages
+
+
+def _rewrite(bag: Path, mcap: Path, keep_original: bool) -> RepairReport:
+    """Copy the complete records into a temporary bag, check it, and swap it in."""
+    scratch = bag / REPAIR_DIR
+    shutil.rmtree(scratch, ignore_errors=True)  # left by an interrupted repair: copies only
+    new_bag = scratch / mcap.stem  # rosbags names the .mcap after its directory
+    episodes, feedback, left_out = _copy_complete(mcap, new_bag)
+    if episodes + feedback == 0:
+        shutil.rmtree(scratch)
+        return RepairReport(bag, EMPTY, left_out=left_out)
+    new_mcap = new_bag / mcap.name
+    for path in (new_mcap, new_bag / "metadata.yaml", new_bag, scratch):
+        _fsync_path(path)
+    if _complete_counts(new_bag, new_mcap) != (episodes, feedback):
+        raise ValueError(f"the repaired copy in {new_bag} does not read back as written")
+    if keep_original:
+        _keep_original(mcap)
+    # metadata.yaml first: a crash between the two leaves the old .mcap, which is still seen
+    # as damaged, and the next repair starts over from it.
+    os.replace(new_bag / "metadata.yaml", bag / "metadata.yaml")
+    os.replace(new_mcap, mcap)
+    _fsync_path(bag)
+    shutil.rmtree(scratch)
+    return RepairReport(bag, REPAIRED, episodes, feedback, left_out)
+
+
+def _copy_complete(source: Path, target: Path) -> tuple[int, int, int]:
+    """Write the complete episodes and feedback of `source` into a new bag `target`.
+
+    Returns (episodes, feedback, messages left out). Connections are added in the order of the
+    original's channels (so topic ids, order and empty topics match a normally closed bag),
+    with the definitions the original stores and the type hashes computed from them.
+    """
+    from rosbags.rosbag2 import StoragePlugin, Writer
+
+    stream = _McapStream(source)
+    writer = Writer(target, version=ROSBAG2_VERSION, storage_plugin=StoragePlugin.MCAP)
+    writer.open()
+    try:
+        connections = {}  # mcap channel id -> rosbags Connection
+        by_topic = {}
+        episodes = feedback = kept = 0
+        for kind, payload in _group_episodes(stream.messages()):
+            _add_new_connections(writer, stream.channels, connections, by_topic)
+            parts = payload.items() if kind == "episode" else [(TOPIC_FEEDBACK, payload)]
+            for topic, (_msgtype, _msgdef, log_time, data) in parts:
+                writer.write(by_topic[topic], log_time, data)
+                kept += 1
+            if kind == "episode":
+                episodes += 1
+            else:
+                feedback += 1
+        _add_new_connections(writer, stream.channels, connections, by_topic)  # topics left empty
+        writer.set_custom_data("lens_ros.episodes", str(episodes))
+        writer.set_custom_data("lens_ros.repaired", f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} by "
+                               f"lens-episodes repair from {source.name} ({source.stat().st_size} bytes)")
+        writer.close()
+    except BaseException:
+        with suppress(Exception):  # closing a file that failed to write fails again; keep the first error
+            writer.abort()
+        raise
+    return episodes, feedback, stream.messages_read - kept
+
+
+def _add_new_connections(writer, channels, connections, by_topic):
+    """Add a rosbags connection for each mcap channel seen since the last call."""
+    from rosbags.rosbag2.metadata import parse_qos
+
+    for channel_id, (channel, schema) in channels.items():
+        if channel_id in connections:
+            continue
+        if schema is None:
+            raise ValueError(f"channel {channel.topic} has no schema (not a bag EpisodeRecorder wrote)")
+        msgdef = schema.data.decode("utf-8")
+        connection = writer.add_connection(
+            channel.topic, schema.name, msgdef=msgdef, rihs01=_DECODER.hash_rihs01(schema.name, msgdef),
+            serialization_format=channel.message_encoding,
+            offered_qos_profiles=parse_qos(channel.metadata.get("offered_qos_profiles", "")))
+        connections[channel_id] = connection
+        by_topic[channel.topic] = connection
+
+
+def _keep_original(mcap: Path):
+    """Give the original a second name, <name>.mcap.orig, that survives the swap.
+
+    A hard link costs no copy; filesystems without links (FAT on a USB stick) get a copy.
+    """
+    backup = mcap.with_name(mcap.name + BACKUP_SUFFIX)
+    if backup.exists():
+        if os.path.samefile(backup, mcap):
+            return  # linked by an interrupted earlier repair
+        raise FileExistsError(f"{backup} exists and is another file; move it away to keep this original")
+    try:
+        os.link(mcap, backup)
+    except OSError:
+        shutil.copyfile(mcap, backup)
+        _fsync_path(backup)
+    _fsync_path(mcap.parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: lens-episodes repair|info DIR [DIR ...]
+# --------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    """`lens-episodes`: one line per bag on stdout; exit 0, 1 (a repair failed) or 2 (bad path)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lens-episodes",
+        description="Episode bags written by lens_ros' recorder. `repair` makes the bags of a killed "
+                    "recorder (no MCAP footer, no metadata.yaml) open in ros2 bag, rosbags and Foxglove, "
+                    "keeping every complete episode; complete bags are left untouched.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    repair_parser = commands.add_parser("repair", help="rewrite damaged bags so that every ROS tool opens them")
+    repair_parser.add_argument("--keep-original", action="store_true",
+                               help="keep each original .mcap beside the repaired one as <name>.mcap.orig")
+    info_parser = commands.add_parser("info", help="list bags: complete or not, episode and feedback counts")
+    for sub in (repair_parser, info_parser):
+        sub.add_argument("paths", nargs="+", type=Path, metavar="DIR",
+                         help="a bag directory, or a record directory holding bag directories")
+    args = parser.parse_args(argv)
+
+    # The per-bag line says what the stream's "ends early" warnings would repeat.
+    quiet, level = logger, logger.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return max((_run_command(args, path) for path in args.paths), default=0)
+    finally:
+        quiet.setLevel(level)
+
+
+def _run_command(args, path: Path) -> int:
+    try:
+        reports = repair(path, keep_original=args.keep_original) if args.command == "repair" else inspect_bags(path)
+    except FileNotFoundError:
+        print(f"lens-episodes: error: {path} does not exist", file=sys.stderr)
+        return 2
+    for report in reports:
+        print(report.line(), flush=True)
+    if any(report.status == FAILED for report in reports):
+        return 1
+    if not any(report.usable or report.status in (NEEDS_REPAIR, IN_USE) for report in reports):
+        print(f"lens-episodes: error: {path} holds nothing repairable (no bag with a complete episode "
+              "or feedback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -25,6 +25,12 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 
 from lens_ros.episodes import (
+    COMPLETE,
+    EMPTY,
+    FAILED,
+    IN_USE,
+    NOT_A_BAG,
+    REPAIRED,
     TOPIC_CAMERA_INFO,
     TOPIC_COMMAND,
     TOPIC_DEPTH,
@@ -34,8 +40,12 @@ from lens_ros.episodes import (
     TOPIC_TYPES,
     EpisodeRecorder,
     find_msg_dir,
+    inspect_bags,
     lens_typestore,
+    main,
     read_episodes,
+    repair,
+    repair_bag,
 )
 from lens_ros.msg import Feedback, GraspRegion, Segmentation
 
@@ -573,3 +583,258 @@ def test_episodes_become_samples_labelled_by_their_newest_feedback(tmp_path):
     assert len(everything) == 3 and everything[1].success is None and everything[1].mask is None
     with pytest.raises(FileNotFoundError, match="no episode bags"):
         EpisodeDataset(tmp_path / "missing")
+
+
+# -- repair: lens-episodes repair --------------------------------------------------------------
+
+
+def run_lens_episodes(*args):
+    return subprocess.run([sys.executable, "-m", "lens_ros.episodes", *map(str, args)], capture_output=True,
+                          text=True, timeout=120)
+
+
+def any_reader_view(bag):
+    """What rosbags' AnyReader shows of a bag: counts, times, topics (type, count, hash, definition)
+    and each topic's (log time, CDR bytes) in order."""
+    from rosbags.highlevel import AnyReader
+
+    with AnyReader([Path(bag)]) as reader:
+        topics = {c.topic: (c.msgtype, c.msgcount, c.digest, c.msgdef.data) for c in reader.connections}
+        messages = {topic: [] for topic in topics}
+        for connection, timestamp, raw in reader.messages():
+            messages[connection.topic].append((timestamp, bytes(raw)))
+        request_ids = [reader.deserialize(raw, TOPIC_TYPES[TOPIC_SEGMENTATION]).request_id
+                       for _, raw in messages[TOPIC_SEGMENTATION]]
+        return {"count": reader.message_count, "start": reader.start_time, "end": reader.end_time,
+                "topics": topics, "messages": messages, "request_ids": request_ids}
+
+
+def files_state(bag):
+    """Names, sizes, mtimes and bytes of everything in a bag directory (to prove it untouched)."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else None) for p in Path(bag).iterdir()}
+
+
+def test_repair_makes_the_bag_of_a_killed_recorder_open_in_anyreader(tmp_path):
+    from rosbags.highlevel import AnyReader
+    from rosbags.rosbag2 import Reader
+
+    rng = np.random.default_rng(13)
+    episodes = [make_episode(i, rng, with_depth=(i == 1)) for i in range(3)]
+    feedback = make_feedback(1)
+    raws = [serialized(m) for m in episodes]
+    raw_feedback = serialize_message(feedback)  # once: rclpy leaves CDR padding bytes uninitialised
+    stamps = [(STAMP_SEC + i) * 10**9 + 5 for i in range(4)]
+    body = """
+        stamps = [int(s) for s in sys.argv[3:]]
+        recorder = EpisodeRecorder(directory)
+        for request_id, raw in enumerate(raws[:-1]):
+            recorder.record(request_id, raw["image"], raw["command"], raw["segmentation"], depth=raw.get("depth"),
+                            camera_info=raw.get("camera_info"), stamp_ns=stamps[request_id])
+        recorder.record_feedback(1, raws[-1], stamp_ns=stamps[-1])
+        os.kill(os.getpid(), signal.SIGKILL)  # no close: no footer, no summary, no metadata.yaml
+    """
+    done = run_child(tmp_path, body, raws + [raw_feedback], *map(str, stamps))
+    assert done.returncode == -9, done.stderr
+    (crashed,) = bag_dirs(tmp_path / "episodes")
+    with pytest.raises(FileNotFoundError, match="metadata"):  # what users hit before the repair
+        with AnyReader([crashed]):
+            pass
+
+    # The same records through a recorder that closes normally: what the repair must match.
+    with EpisodeRecorder(tmp_path / "reference", fsync=False) as recorder:
+        for request_id, raw in enumerate(raws):
+            record(recorder, request_id, raw, stamp_ns=stamps[request_id])
+        recorder.record_feedback(1, raw_feedback, stamp_ns=stamps[-1])
+        reference = recorder.bag_path
+
+    done = run_lens_episodes("repair", tmp_path / "episodes")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    assert done.stdout == f"{crashed}: repaired, 3 episodes, 1 feedback\n"
+    assert sorted(p.name for p in crashed.iterdir()) == sorted([only_mcap(crashed).name, "metadata.yaml"])
+
+    repaired = any_reader_view(crashed)
+    assert repaired == any_reader_view(reference)  # counts, times, types, hashes, definitions, bytes
+    assert repaired["count"] == 3 + 1 + 1 + 3 + 3 + 1 and repaired["request_ids"] == [0, 1, 2]
+    assert (repaired["start"], repaired["end"]) == (stamps[0], stamps[-1] + 1)
+    assert {topic: info[0] for topic, info in repaired["topics"].items()} == TOPIC_TYPES
+    assert [raw for _, raw in repaired["messages"][TOPIC_SEGMENTATION]] == [r["segmentation"] for r in raws]
+    assert repaired["messages"][TOPIC_FEEDBACK] == [(stamps[-1], raw_feedback)]
+    with Reader(crashed) as reader:  # rosbags' rosbag2 reader: metadata.yaml, as `ros2 bag info` reads it
+        assert reader.message_count == repaired["count"] and reader.duration == stamps[-1] - stamps[0] + 1
+        assert {c.topic: (c.msgcount, c.digest) for c in reader.connections} == {
+            topic: (count, digest) for topic, (_, count, digest, _) in repaired["topics"].items()}
+    got = list(read_episodes(crashed))
+    assert [e.request_id for e in got] == [0, 1, 2]
+    for episode, messages in zip(got, episodes):
+        assert_episode_equals(episode, messages, feedback=[feedback] if episode.request_id == 1 else [])
+
+    # Twice is harmless: a complete bag is reported and not touched.
+    before = files_state(crashed)
+    done = run_lens_episodes("repair", crashed)
+    assert (done.returncode, done.stdout) == (0, f"{crashed}: already complete, 3 episodes, 1 feedback\n")
+    assert files_state(crashed) == before
+
+
+def test_repair_keeps_exactly_the_complete_episodes_of_a_damaged_bag(tmp_path):
+    """A stale metadata.yaml is no help to AnyReader; an unfinished episode and a cut chunk are left out."""
+    from rosbags.highlevel import AnyReader, AnyReaderError
+
+    rng = np.random.default_rng(14)
+    # Episode 2's image is over rosbags' 1 MiB chunk size: its chunk is written on its own,
+    # before the command and Segmentation, like in a recorder killed in the middle of record().
+    episodes = [make_episode(0, rng, with_depth=True), make_episode(1, rng),
+                make_episode(2, rng, height=520, width=700)]
+    raws = [serialized(m) for m in episodes]
+    feedback = make_feedback(0, note="wrong cup")
+    stamps = [(STAMP_SEC + i) * 10**9 for i in range(3)]
+    with EpisodeRecorder(tmp_path / "bag", fsync=False) as recorder:
+        record(recorder, 0, raws[0], stamp_ns=stamps[0])
+        recorder.record_feedback(0, serialize_message(feedback), stamp_ns=stamps[0] + 500)
+        record(recorder, 1, raws[1], stamp_ns=stamps[1])
+        record(recorder, 2, raws[2], stamp_ns=stamps[2])
+        bag = recorder.bag_path
+    original = only_mcap(bag)
+    _, chunks = chunk_ends(original)
+    assert len(chunks) == 5  # episode 0, feedback, episode 1, episode 2's image, episode 2's rest
+    cut = sum(chunks[-1]) // 2  # in the middle of the chunk holding episode 2's Segmentation
+    damaged = tmp_path / "damaged" / bag.name
+    damaged.mkdir(parents=True)
+    shutil.copy(bag / "metadata.yaml", damaged)  # stale: describes all three episodes
+    data = original.read_bytes()[:cut]
+    (damaged / original.name).write_bytes(data)
+    with pytest.raises(AnyReaderError, match="end magic"):  # metadata.yaml alone does not do
+        with AnyReader([damaged]):
+            pass
+
+    report = repair_bag(damaged, keep_original=True)
+    assert (report.status, report.episodes, report.feedback, report.left_out) == (REPAIRED, 2, 1, 1)
+    assert report.line() == (f"{damaged}: repaired, 2 episodes, 1 feedback; "
+                             "left out 1 message of an unfinished episode")
+    assert (damaged / (original.name + ".orig")).read_bytes() == data  # the original, kept as asked
+    view = any_reader_view(damaged)
+    assert view["request_ids"] == [0, 1] and view["count"] == 5 + 1 + 3
+    assert {topic: info[1] for topic, info in view["topics"].items()} == {
+        TOPIC_IMAGE: 2, TOPIC_DEPTH: 1, TOPIC_CAMERA_INFO: 1, TOPIC_COMMAND: 2, TOPIC_SEGMENTATION: 2,
+        TOPIC_FEEDBACK: 1}
+    assert view["messages"][TOPIC_IMAGE] == [(stamps[0], raws[0]["image"]), (stamps[1], raws[1]["image"])]
+    assert (view["start"], view["end"]) == (stamps[0], stamps[1] + 1)
+    got = list(read_episodes(damaged))  # the .orig beside it is not read twice
+    assert [e.request_id for e in got] == [0, 1]
+    for episode in got:
+        assert_episode_equals(episode, episodes[episode.request_id],
+                              feedback=[feedback] if episode.request_id == 0 else [])
+    assert repair_bag(damaged).status == COMPLETE
+
+
+def test_repair_of_a_record_directory_leaves_complete_and_live_bags_alone(tmp_path, capsys):
+    rng = np.random.default_rng(15)
+    episodes = [make_episode(i, rng) for i in range(6)]
+    directory = tmp_path / "episodes"
+    with EpisodeRecorder(directory, max_bag_bytes=1, fsync=False) as rotating:  # one bag per episode
+        for request_id in range(3):
+            record(rotating, request_id, serialized(episodes[request_id]))
+    live = EpisodeRecorder(directory, fsync=False)
+    for request_id in range(3, 6):
+        record(live, request_id, serialized(episodes[request_id]))
+    live.record_feedback(4, serialize_message(make_feedback(4)))
+    *closed, open_bag = bag_dirs(directory)
+    assert len(closed) == 3 and open_bag == live.bag_path
+
+    # While the recorder writes it, its bag is left alone (its flock on the .mcap says so).
+    before = {bag: files_state(bag) for bag in bag_dirs(directory)}
+    assert [r.status for r in repair(directory)] == [COMPLETE] * 3 + [IN_USE]
+    assert {bag: files_state(bag) for bag in bag_dirs(directory)} == before
+    being_recorded = inspect_bags(directory)[-1]
+    assert being_recorded.line() == (f"{open_bag}: being recorded (a running recorder holds it), "
+                                     "3 episodes, 1 feedback so far")
+
+    # The disk as a kill -9 would leave it: the directory copied while the recorder is open.
+    crashed = tmp_path / "crashed"
+    shutil.copytree(directory, crashed)
+    assert main(["info", str(crashed)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[1] for line in lines] == ["already complete, 1 episode, 0 feedback"] * 3 + [
+        "needs repair (no footer or stale metadata.yaml), 3 episodes, 1 feedback recoverable"]
+    complete_before = {bag: files_state(bag) for bag in bag_dirs(crashed)[:3]}
+    reports = repair(crashed)
+    assert [(r.status, r.episodes, r.feedback) for r in reports] == [(COMPLETE, 1, 0)] * 3 + [(REPAIRED, 3, 1)]
+    assert {bag: files_state(bag) for bag in bag_dirs(crashed)[:3]} == complete_before
+    assert any_reader_view(bag_dirs(crashed)[-1])["request_ids"] == [3, 4, 5]
+    got = list(read_episodes(crashed))
+    assert [e.request_id for e in got] == list(range(6)) and [len(e.feedback) for e in got] == [0, 0, 0, 0, 1, 0]
+    assert [r.status for r in repair(crashed)] == [COMPLETE] * 4
+
+    live.close()  # closed normally: nothing to repair
+    assert [r.status for r in repair(directory)] == [COMPLETE] * 4
+
+
+def test_a_failed_repair_leaves_the_original_as_it_was(tmp_path):
+    """A real write failure (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC) while the copy is written."""
+    pytest.importorskip("resource")  # POSIX only
+    rng = np.random.default_rng(16)
+    with EpisodeRecorder(tmp_path / "snapshot", fsync=False) as recorder:
+        for request_id in range(3):
+            record(recorder, request_id, serialized(make_episode(request_id, rng, height=60, width=80)))
+        crashed = tmp_path / "episodes" / recorder.bag_path.name
+        shutil.copytree(recorder.bag_path, crashed, ignore=shutil.ignore_patterns("metadata.yaml"))
+    before = files_state(crashed)
+    body = """
+        import resource
+        from lens_ros.episodes import repair_bag
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a signal
+        resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[4]), resource.RLIM_INFINITY))
+        print(repair_bag(sys.argv[3]).line())
+    """
+    done = run_child(tmp_path, body, [], str(crashed), str(only_mcap(crashed).stat().st_size // 2))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{crashed}: repair failed, original left as is: OSError: [Errno 27] File too large\n"
+    assert files_state(crashed) == before  # no metadata.yaml, no temporary bag, the .mcap as it was
+    assert repair_bag(crashed).status == REPAIRED  # and space freed, it works
+
+
+def test_lens_episodes_errors_are_one_line(tmp_path, capsys):
+    def lens_episodes(*args):
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    missing = tmp_path / "missing"
+    assert lens_episodes("repair", missing) == (2, "", f"lens-episodes: error: {missing} does not exist\n")
+    nothing = (f"lens-episodes: error: {tmp_path} holds nothing repairable "
+               "(no bag with a complete episode or feedback)\n")
+    assert lens_episodes("repair", tmp_path) == (2, "", nothing)
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("not a bag")
+    with EpisodeRecorder(tmp_path / "snapshot", fsync=False) as recorder:
+        record(recorder, 0, serialized(make_episode(0, np.random.default_rng(17))))
+        mcap_file = only_mcap(recorder.bag_path)
+    first_chunk = chunk_ends(mcap_file)[1][0][0]
+    empty = tmp_path / "killed_before_the_first_episode"  # the .mcap holds its header only
+    empty.mkdir()
+    (empty / "killed_before_the_first_episode.mcap").write_bytes(mcap_file.read_bytes()[:first_chunk])
+    shutil.rmtree(tmp_path / "snapshot")
+    before = files_state(empty)
+    assert lens_episodes("repair", tmp_path) == (2, f"{empty}: no complete episode or feedback to recover, left as is\n"
+                                                    f"{tmp_path / 'notes'}: not a bag (no .mcap file in it)\n", nothing)
+    assert files_state(empty) == before
+    assert repair_bag(tmp_path / "notes" / "todo.txt").status == NOT_A_BAG
+    assert repair_bag(empty).status == EMPTY
+
+    split = tmp_path / "split"  # a ros2 bag split in two files: not the recorder's layout
+    split.mkdir()
+    for name in ("split_0.mcap", "split_1.mcap"):
+        (split / name).write_bytes(b"")
+    code, out, err = lens_episodes("repair", split, missing)
+    assert (code, err) == (2, f"lens-episodes: error: {missing} does not exist\n")
+    assert out == (f"{split}: repair failed, original left as is: holds 2 .mcap files; "
+                   "EpisodeRecorder writes one per bag directory\n")
+    assert repair_bag(split).status == FAILED
+
+
+def test_lens_episodes_console_script(tmp_path):
+    script = Path(sys.executable).with_name("lens-episodes")
+    if not script.exists():
+        pytest.skip("lens-episodes is not installed in this venv yet (make venv installs setup.py's scripts)")
+    done = subprocess.run([str(script), "info", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stderr) == (2, f"lens-episodes: error: {tmp_path / 'missing'} does not exist\n")
