@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from fixtures_lens import part_under_box
+from node_clients import Harness
 
-from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
+from lens_ros.ros.harness import NodeProcess, image_msg
 
 rclpy = pytest.importorskip("rclpy")
 from rclpy.action import ActionClient  # noqa: E402
@@ -21,64 +22,6 @@ from rclpy.duration import Duration  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
 from lens_ros.action import Segment  # noqa: E402
-from lens_ros.msg import Segmentation  # noqa: E402
-
-NODE_PARAMS = {"max_new_tokens": 8, "device": "cpu", "image_wait_s": 1.0, "max_image_age_s": 2.0,
-               "diagnostics_period_s": 0.2}
-
-
-class Harness:
-    """One node process + one peer with publishers and recorders in the node's namespace."""
-
-    def __init__(self, tiny_checkpoint, namespace, **params):
-        from sensor_msgs.msg import Image
-        from std_msgs.msg import String
-
-        self.namespace = namespace
-        self.node = NodeProcess({"model": str(tiny_checkpoint), **NODE_PARAMS, **params},
-                                name="lens_node", namespace=namespace)
-        self.peer = Peer()
-        n = self.peer.node
-        self.image_pub = n.create_publisher(Image, f"{namespace}/image", qos_profile_sensor_data)
-        self.depth_pub = n.create_publisher(Image, f"{namespace}/depth", qos_profile_sensor_data)
-        self.command_pub = n.create_publisher(String, f"{namespace}/command", 10)
-        self.segmentations = self.peer.subscribe(Segmentation, f"{namespace}/segmentation")
-        self.masks = self.peer.subscribe(Image, f"{namespace}/mask")
-        self.state = diagnostics_watch(self.peer, f"{namespace}/lens_node")
-        self.rgb = np.ascontiguousarray((np.random.default_rng(0).random((120, 160, 3)) * 255).astype(np.uint8))
-
-    def wait_state(self, state, timeout=120.0):
-        assert self.peer.wait_for(lambda: (self.state() or {}).get("state") == state, timeout), (
-            f"node never reached {state}; log:\n{self.node.output()[-3000:]}")
-
-    def send_image(self, rgb=None, stamp=None, encoding="rgb8", **fields):
-        msg = image_msg(self.rgb if rgb is None else rgb, (stamp or self.peer.now()).to_msg(), encoding)
-        for key, value in fields.items():
-            setattr(msg, key, value)
-        self.image_pub.publish(msg)
-        return msg
-
-    def command(self, text, timeout=60.0) -> Segmentation:
-        from std_msgs.msg import String
-
-        count = len(self.segmentations)
-        self.peer.wait_matched(self.command_pub)
-        self.command_pub.publish(String(data=text))
-        assert self.peer.wait_for(lambda: len(self.segmentations) > count, timeout), (
-            f"no answer to {text[:40]!r}; log:\n{self.node.output()[-3000:]}")
-        return self.segmentations[count]
-
-    def fresh_frame(self):
-        """Publish frames until the node has surely received one (best-effort QoS may drop some)."""
-        self.peer.wait_matched(self.image_pub)
-        for _ in range(3):
-            self.send_image()
-            time.sleep(0.05)
-
-    def close(self):
-        self.peer.close()
-        code = self.node.stop()
-        assert code == 0, self.node.output()[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -263,19 +206,12 @@ def test_a_cancelled_goal_ends_cancelled(tiny_checkpoint):
 
 def test_lifecycle_autostart_false_then_configure_activate_deactivate(tiny_checkpoint):
     from lifecycle_msgs.msg import Transition
-    from lifecycle_msgs.srv import ChangeState
     from std_msgs.msg import String
 
     harness = Harness(tiny_checkpoint, "/cam_l", autostart=False)
     try:
-        peer = harness.peer
-        change = peer.node.create_client(ChangeState, "/cam_l/lens_node/change_state")
-        assert change.wait_for_service(timeout_sec=60), harness.node.output()
-
         def transition(transition_id):
-            future = change.call_async(ChangeState.Request(transition=Transition(id=transition_id)))
-            assert peer.wait_for(future.done, 120), harness.node.output()[-2000:]
-            assert future.result().success, harness.node.output()[-2000:]
+            assert harness.transition(transition_id), harness.node.output()[-2000:]
 
         # Unconfigured: no subscriptions yet, nothing published.
         harness.send_image()
@@ -317,31 +253,16 @@ def test_an_invalid_parameter_fails_configure_with_its_name(tiny_checkpoint):
         assert node.stop() == 0, node.output()
 
 
-def _set_parameter(lens, name, value):
-    from rcl_interfaces.msg import Parameter, ParameterType, ParameterValue
-    from rcl_interfaces.srv import SetParameters
-
-    client = lens.peer.node.create_client(SetParameters, "/cam_a/lens_node/set_parameters")
-    assert client.wait_for_service(timeout_sec=30)
-    kind = {int: ParameterType.PARAMETER_INTEGER, str: ParameterType.PARAMETER_STRING}[type(value)]
-    field = {int: "integer_value", str: "string_value"}[type(value)]
-    request = SetParameters.Request(parameters=[Parameter(name=name, value=ParameterValue(type=kind, **{field: value}))])
-    future = client.call_async(request)
-    assert lens.peer.wait_for(future.done, 30)
-    lens.peer.node.destroy_client(client)
-    return future.result().results[0]
-
-
 def test_safe_parameters_change_live_and_the_others_are_refused(lens):
-    assert _set_parameter(lens, "max_new_tokens", 2).successful
+    assert lens.set_parameter("max_new_tokens", 2).successful
     lens.fresh_frame()
     answer = lens.command("the cup")
     assert answer.error == "" and 1 <= answer.generated_tokens <= 2
-    refused = _set_parameter(lens, "model", "OuyBin/LENS")
+    refused = lens.set_parameter("model", "OuyBin/LENS")
     assert not refused.successful and "cannot change while active" in refused.reason
-    invalid = _set_parameter(lens, "busy_policy", "drop")
+    invalid = lens.set_parameter("busy_policy", "drop")
     assert not invalid.successful and "parameter 'busy_policy' must be one of" in invalid.reason
-    assert _set_parameter(lens, "max_new_tokens", 8).successful
+    assert lens.set_parameter("max_new_tokens", 8).successful
 
 
 def _camera_info(stamp, fx=2000.0, width=160, height=120):

@@ -27,16 +27,45 @@ def test_defaults_are_valid_and_every_parameter_is_documented():
     ("frame_policy", "oldest", "parameter 'frame_policy' must be one of newest, next"),
     ("dtype", "float64", "parameter 'dtype' must be one of auto, float32"),
     ("device", "tpu", "parameter 'device' must be auto, cpu, cuda or cuda:N"),
-    ("max_new_tokens", 0, "parameter 'max_new_tokens' must be at least 1"),
+    ("max_new_tokens", 0, "parameter 'max_new_tokens' must be between 1 and 32768, got 0"),
     ("max_new_tokens", 2.5, "parameter 'max_new_tokens' must be int"),
-    ("max_image_age_s", -1.0, "parameter 'max_image_age_s' must be positive"),
+    ("max_image_age_s", -1.0, "parameter 'max_image_age_s' must be between 0.001 and 86400, got -1.0"),
     ("max_image_age_s", "1", "parameter 'max_image_age_s' must be float"),
-    ("sync_tolerance_s", -0.1, "parameter 'sync_tolerance_s' must be >= 0"),
+    ("sync_tolerance_s", -0.1, "parameter 'sync_tolerance_s' must be between 0 and 10, got -0.1"),
+    ("command_queue_depth", 0, "parameter 'command_queue_depth' must be between 1 and 100000, got 0"),
     ("publish_overlay", 1, "parameter 'publish_overlay' must be bool"),
     ("model", " ", "parameter 'model' is empty"),
 ])
 def test_invalid_values_name_the_parameter(name, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        NodeConfig(**{name: value})
+
+
+FLOAT_PARAMETERS = [f.name for f in fields(NodeConfig) if f.type == "float"]
+
+
+def test_every_number_has_bounds():
+    numbers = {f.name for f in fields(NodeConfig) if f.type in ("int", "float")}
+    assert set(NodeConfig.RANGES) == numbers
+    for name, (low, high) in NodeConfig.RANGES.items():
+        assert low <= getattr(NodeConfig(), name) <= high, name
+
+
+@pytest.mark.parametrize("name", FLOAT_PARAMETERS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -1.0, 1e300])
+def test_no_float_parameter_takes_a_non_finite_or_absurd_value(name, value):
+    """inf passed validation once and failed configure half-way. Every float parameter refuses
+    these, naming itself."""
+    with pytest.raises(ValueError, match=f"parameter '{name}' must be between"):
+        NodeConfig(**{name: value})
+
+
+@pytest.mark.parametrize("name", [n for n in FLOAT_PARAMETERS if NodeConfig.RANGES[n][0] > 0])
+@pytest.mark.parametrize("value", [0.0, 1e-9])
+def test_zero_and_tiny_values_are_refused_where_they_mean_nothing(name, value):
+    """A 1e-9 s diagnostics period was accepted once and kept a core busy. (The two parameters
+    whose lower bound is 0 take it as "none": no clearance, depth stamped exactly like the image.)"""
+    with pytest.raises(ValueError, match=f"parameter '{name}' must be between"):
         NodeConfig(**{name: value})
 
 

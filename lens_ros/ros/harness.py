@@ -38,7 +38,8 @@ class NodeProcess:
         raise RuntimeError("no VmRSS")
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text()
 
     def alive(self) -> bool:

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import re
 from dataclasses import dataclass, fields
 
 from lens_ros.grasp import APPROACHES, GraspConfig
 from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
 from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
+from lens_ros.ros.scheduler import BUSY_POLICIES
 
 IMAGE_QOS = ("sensor_data", "reliable")
-BUSY_POLICIES = ("queue_latest", "reject")
 FRAME_POLICIES = ("newest", "next")
 
 
@@ -38,10 +39,14 @@ class NodeConfig:
     """Upper bound on generated reasoning tokens."""
     max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS
     """Longer commands are answered with an error."""
+    command_queue_depth: int = 1000
+    """History depth of the reliable command and feedback subscriptions, the action's goal, cancel and result
+    services and the segmentation answers: a burst up to this size waits in DDS instead of being lost."""
     image_qos: str = "sensor_data"
     """QoS of the image, depth and camera_info subscriptions: 'sensor_data' (best effort) or 'reliable'."""
     max_image_age_s: float = 1.0
-    """A command is refused when the newest frame is older than this (seconds, by header stamp)."""
+    """A command is refused when the newest frame is older than this (seconds, by header stamp and since its
+    arrival); a frame stamped more than this ahead of the node's clock is refused too."""
     image_wait_s: float = 2.0
     """How long a command waits for a frame when none (or, with frame_policy 'next', no new one) has arrived."""
     sync_tolerance_s: float = 0.05
@@ -68,6 +73,11 @@ class NodeConfig:
     """Most grasp regions per result (best first)."""
     grasp_min_valid_points: int = GraspConfig.min_valid_points
     """Fewest object pixels with valid depth for a 3-D grasp (lower it for low-resolution depth)."""
+    grasp_min_depth_m: float = GraspConfig.min_depth_m
+    """Nearest plausible depth reading (metres); nearer readings count as invalid, like 0 and NaN."""
+    grasp_max_depth_m: float = GraspConfig.max_depth_m
+    """Farthest plausible depth reading (metres); farther readings count as invalid (raise it for long-range
+    stereo cameras)."""
     record_dir: str = ""
     """Record every served command as an episode (image, depth, camera_info, command, Segmentation, later Feedback) in
     rosbag2/MCAP bags under this directory, for retraining; empty: off."""
@@ -80,11 +90,23 @@ class NodeConfig:
     autostart: bool = True
     """Configure and activate at start; false: wait for lifecycle transitions."""
 
+    # Inclusive bounds of every number: values outside them (and inf, NaN) are refused. The lower
+    # bounds are what still makes sense physically or computationally, not 0 + epsilon: a 1e-9 s
+    # diagnostics period was accepted once and kept a core busy. 0 is allowed where it means
+    # "none": no clearance around the object, depth stamped exactly like the image.
+    RANGES = {"max_new_tokens": (1, 32768), "max_command_chars": (1, 100_000), "command_queue_depth": (1, 100_000),
+              "max_image_age_s": (0.001, 86400.0), "image_wait_s": (0.001, 3600.0), "sync_tolerance_s": (0.0, 10.0),
+              "grasp_max_opening_m": (0.001, 2.0), "grasp_finger_length_m": (0.001, 2.0),
+              "grasp_finger_width_m": (0.001, 1.0), "grasp_margin_m": (0.0, 0.5), "grasp_num_candidates": (1, 100),
+              "grasp_min_valid_points": (3, 100_000_000), "grasp_min_depth_m": (0.001, 100.0),
+              "grasp_max_depth_m": (0.01, 1000.0), "record_max_bag_mb": (1, 10_000_000),
+              "diagnostics_period_s": (0.01, 3600.0)}
+
     # Parameters that may change while active (the rest need a deactivate/cleanup cycle).
     LIVE = ("cot", "max_new_tokens", "max_command_chars", "max_image_age_s", "image_wait_s", "sync_tolerance_s",
             "frame_policy", "busy_policy", "publish_overlay", "grasps", "grasp_approach", "grasp_max_opening_m",
             "grasp_finger_length_m", "grasp_finger_width_m", "grasp_margin_m", "grasp_num_candidates",
-            "grasp_min_valid_points")
+            "grasp_min_valid_points", "grasp_min_depth_m", "grasp_max_depth_m")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -107,14 +129,10 @@ class NodeConfig:
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.model.strip():
             raise ValueError("parameter 'model' is empty")
-        for name in ("max_new_tokens", "max_command_chars", "record_max_bag_mb"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"parameter {name!r} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_image_age_s", "image_wait_s", "diagnostics_period_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"parameter {name!r} must be positive, got {getattr(self, name)}")
-        if not self.sync_tolerance_s >= 0:
-            raise ValueError(f"parameter 'sync_tolerance_s' must be >= 0, got {self.sync_tolerance_s}")
+        for name, (low, high) in self.RANGES.items():
+            value = getattr(self, name)
+            if not (math.isfinite(value) and low <= value <= high):  # NaN fails every comparison
+                raise ValueError(f"parameter {name!r} must be between {low:g} and {high:g}, got {value!r}")
         _one_of("grasp_approach", self.grasp_approach, APPROACHES)
         try:
             self.grasp_config()
@@ -127,7 +145,8 @@ class NodeConfig:
         return GraspConfig(approach=self.grasp_approach, max_opening_m=self.grasp_max_opening_m,
                            finger_length_m=self.grasp_finger_length_m, finger_width_m=self.grasp_finger_width_m,
                            margin_m=self.grasp_margin_m, num_candidates=self.grasp_num_candidates,
-                           min_valid_points=self.grasp_min_valid_points, component="box")
+                           min_valid_points=self.grasp_min_valid_points, min_depth_m=self.grasp_min_depth_m,
+                           max_depth_m=self.grasp_max_depth_m, component="box")
 
     def resolved_device(self) -> str:
         if self.device != "auto":
