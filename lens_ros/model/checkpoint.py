@@ -58,7 +58,18 @@ class CheckpointError(RuntimeError):
 
 
 class ModelUnavailableError(RuntimeError):
-    """A model source cannot be found here (and may not be downloaded)."""
+    """A model source cannot be found here (and may not be downloaded).
+
+    ``reason`` says why; the message adds how to run the tiny model instead, in the command-line
+    tools' syntax. Front ends that spell it otherwise (the node's ``-p model:=tiny``) use
+    ``reason`` with their own hint.
+    """
+
+    TINY_HINT = "use --model tiny to run the built-in tiny model (its masks are meaningless)"
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"{reason}; {self.TINY_HINT}")
 
 
 # -- key layouts ------------------------------------------------------------------------------
@@ -160,8 +171,7 @@ def resolve_model_source(source: str, allow_download: bool = False, cache_dir: s
         return path
     if path.exists() or not _HF_ID.match(source):
         raise ModelUnavailableError(
-            f"model {source!r}: not a checkpoint directory and not a Hugging Face id (owner/name); "
-            f"use --model tiny for the built-in tiny model")
+            f"model {source!r}: not a checkpoint directory and not a Hugging Face id (owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
@@ -170,9 +180,7 @@ def resolve_model_source(source: str, allow_download: bool = False, cache_dir: s
     except Exception as exc:  # hub errors have many types; all mean "not available here"
         how = ("downloads are disabled (allow downloads to fetch it)" if not allow_download
                else f"the download failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        raise ModelUnavailableError(
-            f"model {source!r} is not in the local Hugging Face cache and {how}; "
-            f"use --model tiny to run the built-in tiny model (its masks are meaningless)") from exc
+        raise ModelUnavailableError(f"model {source!r} is not in the local Hugging Face cache and {how}") from exc
     return Path(local)
 
 

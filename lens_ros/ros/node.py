@@ -42,6 +42,7 @@ from std_msgs.msg import Header, String
 
 from lens_ros.action import Segment
 from lens_ros.images import InvalidInputError, check_command
+from lens_ros.model.checkpoint import ModelUnavailableError
 from lens_ros.msg import Feedback, Segmentation
 from lens_ros.pipeline import Cancelled, SegmentationResult
 from lens_ros.ros.conversions import (
@@ -53,7 +54,7 @@ from lens_ros.ros.conversions import (
     stamp_to_seconds,
 )
 from lens_ros.ros.params import NodeConfig, parameter_descriptions
-from lens_ros.ros.scheduler import RequestScheduler
+from lens_ros.ros.scheduler import RequestScheduler, throttled_progress
 from lens_ros.ros.sensors import SensorBuffers, staleness
 
 NODE_NAME = "lens_node"
@@ -65,6 +66,8 @@ DIAGNOSTICS_TOPIC = "/diagnostics"
 # Images published per answer (mask, overlay) and grasp poses: reliable, a short history.
 IMAGE_RESULT_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 SHUTDOWN_REASON = "the node is shutting down"
+NODE_TINY_HINT = ("set the parameter model to 'tiny' (-p model:=tiny; model:=tiny with lens.launch.py) to run "
+                  "the built-in tiny model (its masks are meaningless)")
 # States whose lifecycle publishers still publish: topic commands are answered in them (while
 # deactivating or shutting down, with that as the error); in the others they are logged and ignored.
 ANSWERING_STATES = ("active", "deactivating", "shutting down")
@@ -213,7 +216,11 @@ class LensNode(LifecycleNode):
         start = time.monotonic()
         try:  # on the worker thread, where every later torch call runs too (see scheduler)
             self.pipeline = self._scheduler.run_on_worker(lambda: LensPipeline.from_config(options))
-        except Exception as exc:  # an unavailable or broken model must not take the node down
+        except ModelUnavailableError as exc:
+            self._note_error(f"{exc.reason}; {NODE_TINY_HINT}")
+            self.get_logger().error(self._last_error)
+            return TransitionCallbackReturn.FAILURE
+        except Exception as exc:  # a broken model must not take the node down
             self._note_error(f"model {options.model!r} failed to load: {exc}")
             self.get_logger().error(self._last_error)
             return TransitionCallbackReturn.FAILURE
@@ -330,9 +337,9 @@ class LensNode(LifecycleNode):
         resumes it at every wake-up (the worker wakes it when the answer is out)."""
         goal = goal_handle.request
 
-        def progress(stage: str, reasoning: str) -> None:
-            goal_handle.publish_feedback(Segment.Feedback(stage=stage, reasoning=reasoning))
-
+        progress = throttled_progress(
+            lambda stage, reasoning: goal_handle.publish_feedback(Segment.Feedback(stage=stage, reasoning=reasoning)),
+            self.config.feedback_period_s)
         request = _Request(id=next(self._ids), command=goal.command, received=time.monotonic(),
                            image=goal.image if goal.image.width and goal.image.height else None,
                            progress=progress, from_action=True)

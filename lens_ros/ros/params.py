@@ -87,6 +87,9 @@ class NodeConfig:
     """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
     diagnostics_period_s: float = 1.0
     """Period of the /diagnostics status."""
+    feedback_period_s: float = 0.1
+    """Action feedback: sent at each stage change and, while the reasoning is generated, at most this often
+    (seconds)."""
     autostart: bool = True
     """Configure and activate at start; false: wait for lifecycle transitions."""
 
@@ -100,13 +103,13 @@ class NodeConfig:
               "grasp_finger_width_m": (0.001, 1.0), "grasp_margin_m": (0.0, 0.5), "grasp_num_candidates": (1, 100),
               "grasp_min_valid_points": (3, 100_000_000), "grasp_min_depth_m": (0.001, 100.0),
               "grasp_max_depth_m": (0.01, 1000.0), "record_max_bag_mb": (1, 10_000_000),
-              "diagnostics_period_s": (0.01, 3600.0)}
+              "diagnostics_period_s": (0.01, 3600.0), "feedback_period_s": (0.0, 60.0)}
 
     # Parameters that may change while active (the rest need a deactivate/cleanup cycle).
     LIVE = ("cot", "max_new_tokens", "max_command_chars", "max_image_age_s", "image_wait_s", "sync_tolerance_s",
             "frame_policy", "busy_policy", "publish_overlay", "grasps", "grasp_approach", "grasp_max_opening_m",
             "grasp_finger_length_m", "grasp_finger_width_m", "grasp_margin_m", "grasp_num_candidates",
-            "grasp_min_valid_points", "grasp_min_depth_m", "grasp_max_depth_m")
+            "grasp_min_valid_points", "grasp_min_depth_m", "grasp_max_depth_m", "feedback_period_s")
 
     def __post_init__(self) -> None:
         self.validate()

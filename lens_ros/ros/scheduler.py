@@ -22,6 +22,7 @@ Requests are duck-typed: ``id``, ``cancel`` (threading.Event), ``cancel_reason``
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -29,6 +30,22 @@ from typing import Callable
 
 QUEUE_LATEST, REJECT = "queue_latest", "reject"
 BUSY_POLICIES = (QUEUE_LATEST, REJECT)
+
+
+def throttled_progress(send: Callable[[str, str], None], period_s: float,
+                       clock: Callable[[], float] = time.monotonic) -> Callable[[str, str], None]:
+    """``send(stage, reasoning)`` at each stage change, and within a stage at most once every
+    ``period_s``: the pipeline reports every generated token (hundreds per command), which an
+    action client such as ``ros2 action send_goal --feedback`` would print in full each time."""
+    last = {"stage": None, "time": float("-inf")}
+
+    def progress(stage: str, reasoning: str) -> None:
+        now = clock()
+        if stage != last["stage"] or now - last["time"] >= period_s:
+            last["stage"], last["time"] = stage, now
+            send(stage, reasoning)
+
+    return progress
 
 
 @dataclass
