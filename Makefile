@@ -67,9 +67,9 @@ $(STAMPS)/bootstrap: constraints.txt
 
 # 2. Dependencies: setup.py's requirements (+ extras), the ROS wheels, then sam2 (an sdist that
 #    must build against the torch already installed, without its CUDA extension).
-$(STAMPS)/deps: $(STAMPS)/bootstrap constraints.txt setup.py
+$(STAMPS)/deps: $(STAMPS)/bootstrap constraints.txt setup.py scripts/requirements.py
 	@echo "==> venv: dependencies (pinned by constraints.txt; torch takes a few minutes the first time)"
-	@$(VPY) -c 'import runpy, setuptools; setuptools.setup = lambda **kw: print(*kw["install_requires"], *(r for e in "$(SETUP_EXTRAS)".split() for r in kw["extras_require"][e]), sep="\n"); runpy.run_path("setup.py")' > $(STAMPS)/requirements.txt
+	@$(VPY) scripts/requirements.py $(SETUP_EXTRAS) > $(STAMPS)/requirements.txt
 	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(DEV_PACKAGES))
 	@echo "==> venv: $(SAM2) (SAM2_BUILD_CUDA=0, no build isolation)"
 	@$(call logged,pip-sam2,SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation --no-deps $(SAM2))
