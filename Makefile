@@ -3,7 +3,7 @@
 #   make test     run the test suite (real rclpy/DDS, tiny models, offline)
 #   make demo     run the demo (DEMO_ARGS="...")
 #   make bench    run the benchmarks (BENCH_ARGS="..." for the pipeline's)
-#   make grasp-figure  the README's grasp picture (needs the LENS weights; OFFLINE=0 downloads them)
+#   make grasp-figure  the README's grasp pictures (docs/; no model weights needed)
 #   make clean    remove build/ and the venv's stamps (next `make venv` re-checks everything)
 #   make distclean  also remove .venv
 # Versions are pinned in constraints.txt (used through PIP_CONSTRAINT for every pip call).
@@ -126,12 +126,10 @@ bench: venv
 	HF_HUB_OFFLINE=$(OFFLINE) $(VPY) -m lens_ros.bench.pipeline $(BENCH_ARGS)
 	$(VPY) -m lens_ros.bench.grasp
 
-# LENS's mask of the cup on the shipped photo with its grasp regions, as the README shows it.
-FIGURE_MODEL ?= OuyBin/LENS
+# The README's grasp pictures, without model weights: the hand-made mask of the cup on the shipped
+# photo with its 2-D grasp regions, and 3-D grasps on rendered RGB-D scenes (lens_ros/figures.py).
 grasp-figure: venv
-	HF_HUB_OFFLINE=$(OFFLINE) $(VENV)/bin/lens-segment --model $(FIGURE_MODEL) --image lens_ros/data/coffee.jpg \
-		--command "the coffee cup" --out $(BUILD)/grasp_figure
-	mkdir -p docs && cp $(BUILD)/grasp_figure/overlay.png docs/grasp_regions.png
+	$(VPY) -m lens_ros.figures --out docs
 
 clean:
 	rm -rf $(BUILD) $(STAMPS)

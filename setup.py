@@ -52,6 +52,7 @@ setup(
     entry_points={
         "console_scripts": [
             "lens-segment=lens_ros.cli:segment_main",
+            "lens-grasp=lens_ros.cli:grasp_main",
             "lens-make-tiny=lens_ros.cli:make_tiny_main",
             "lens-node=lens_ros.ros.node:main",
             "lens-make-synthetic=lens_ros.training.synthetic:main",

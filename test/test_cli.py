@@ -143,3 +143,109 @@ def test_lens_segment_refuses_control_tokens_in_the_command(tiny_checkpoint, pho
     assert err.splitlines()[-1] == ("error: command contains '<|im_end|>', a control token of the model; "
                                     "commands must be plain text")  # after transformers' loading progress
     assert not out.exists()
+
+
+# --- lens-grasp: grasp regions of a given mask, no model ------------------------------------------
+
+from lens_ros.cli import grasp_main  # noqa: E402
+from lens_ros.figures import CUP_MASK  # noqa: E402
+
+
+def run_lens_grasp(*args: str) -> subprocess.CompletedProcess:
+    """lens-grasp as a process: the installed console script when setup.py lists it, else the
+    same call its wrapper makes."""
+    script = BIN / "lens-grasp"
+    command = [str(script)] if script.exists() else [
+        sys.executable, "-c", "import sys; from lens_ros.cli import grasp_main; sys.exit(grasp_main())"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_lens_grasp_draws_2d_grasps_of_the_hand_made_cup_mask(photo_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert grasp_main(["--image", str(photo_file), "--mask", str(CUP_MASK), "--label", "the coffee cup",
+                       "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    mask = cv2.imread(str(CUP_MASK), cv2.IMREAD_UNCHANGED) > 0
+    assert len(line.splitlines()) == 1 and line.startswith(f"mask={mask.sum()}px grasps=1 (2-D) best: centre (")
+    assert line.endswith(f"-> {out}")
+    record = json.loads((out / "grasps.json").read_text())
+    assert record["label"] == "the coffee cup" and record["image_size"] == [400, 600]
+    assert record["mask_pixels"] == int(mask.sum()) and record["box"] is None and record["depth"] is None
+    best = record["grasps"][0]
+    assert not best["has_3d"] and best["reason"] == ""
+    # Across the cup: its body is about 235 px wide (x 174..409) at the centroid's height.
+    u, v = best["center_px"]
+    assert mask[round(v), round(u)] and 230 < best["width_px"] < 280
+    overlay = cv2.imread(str(out / "overlay.png"))
+    photo = cv2.imread(str(photo_file))
+    assert overlay.shape == photo.shape and not np.array_equal(overlay, photo)
+    assert not np.array_equal(overlay[-30:], photo[-30:])  # the legend at the bottom
+
+
+def test_lens_grasp_3d_on_a_rendered_scene_through_its_process(tmp_path):
+    """RGB, mask and millimetre depth of a rendered box, as files: the best grasp is where the
+    scene's ground truth says (the box is 80 mm tall: the jaws close half-way up)."""
+    from depth_scenes import Box, colour_image, depth_mm, orbit, render
+
+    scene = render(Box((0.065, 0.04, 0.08), position=(0.01, -0.02), yaw=0.4), orbit(0.55, 65, 30))
+    cv2.imwrite(str(tmp_path / "rgb.png"), colour_image(scene)[:, :, ::-1])
+    cv2.imwrite(str(tmp_path / "mask.png"), scene.mask.astype(np.uint8) * 255)
+    cv2.imwrite(str(tmp_path / "depth.png"), depth_mm(scene))
+    proc = run_lens_grasp("--image", str(tmp_path / "rgb.png"), "--mask", str(tmp_path / "mask.png"),
+                          "--depth", str(tmp_path / "depth.png"), "--intrinsics", ",".join(map(str, scene.intrinsics)),
+                          "--out", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 1 and "(3-D) best: centre (" in proc.stdout
+    best = json.loads((tmp_path / "out" / "grasps.json").read_text())["grasps"][0]
+    assert best["has_3d"], best["reason"]
+    assert np.linalg.norm(np.subtract(best["position_m"], scene.center_m)) < 0.006
+    assert abs(best["width_m"] - (0.04 + 2 * 0.01)) < 0.003  # the box's 40 mm plus the default margins
+    assert abs(np.dot(best["closing_axis"], scene.narrow_axis)) > np.cos(np.radians(5))
+
+
+def test_lens_grasp_box_picks_the_part_of_the_mask_to_grasp(photo_file, tmp_path, capsys):
+    """A mask in two parts: the largest one by default, the one in --box when given."""
+    mask = np.zeros((400, 600), np.uint8)
+    mask[100:300, 50:250] = 255  # the large part
+    mask[150:230, 400:450] = 255  # the small one
+    cv2.imwrite(str(tmp_path / "two.png"), mask)
+    base = ["--image", str(photo_file), "--mask", str(tmp_path / "two.png")]
+    assert grasp_main([*base, "--out", str(tmp_path / "largest")]) == 0
+    assert grasp_main([*base, "--box", "390,140,460,240", "--out", str(tmp_path / "boxed")]) == 0
+    capsys.readouterr()
+    largest = json.loads((tmp_path / "largest" / "grasps.json").read_text())["grasps"][0]
+    boxed = json.loads((tmp_path / "boxed" / "grasps.json").read_text())
+    assert 50 <= largest["center_px"][0] < 250 and 400 <= boxed["grasps"][0]["center_px"][0] < 450
+    assert boxed["box"] == [390, 140, 460, 240] and boxed["grasp_config"]["component"] == "box"
+    assert "part under the box" in boxed["grasps"][0]["reason"]
+
+
+def test_lens_grasp_refuses_bad_input_in_one_line(photo_file, tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "small.png"), np.full((40, 60), 255, np.uint8))
+    cv2.imwrite(str(tmp_path / "empty.png"), np.zeros((400, 600), np.uint8))
+    colour = np.zeros((400, 600, 3), np.uint8)
+    colour[100:200, 100:200] = (0, 0, 255)
+    cv2.imwrite(str(tmp_path / "colour.png"), colour)
+    np.save(tmp_path / "small_depth.npy", np.full((40, 60), 0.6, np.float32))
+    image, mask = ["--image", str(photo_file)], ["--mask", str(CUP_MASK)]
+    cases = [
+        ([*image, "--mask", str(tmp_path / "nope.png")], f"mask {str(tmp_path / 'nope.png')!r} does not exist"),
+        (["--image", str(tmp_path / "nope.jpg"), *mask], "does not exist"),
+        ([*image, "--mask", str(tmp_path / "small.png")],
+         "mask is 60x40 but the image is 600x400; the mask must be aligned to the image"),
+        ([*image, "--mask", str(tmp_path / "empty.png")], "mask is empty: there is no object to grasp"),
+        ([*image, "--mask", str(tmp_path / "colour.png")], "is a colour image; it must be single-channel"),
+        ([*image, *mask, "--box", "1,2,3"], "--box must be x1,y1,x2,y2"),
+        ([*image, *mask, "--box", "300,10,200,90"], "--box must have x1 < x2 and y1 < y2"),
+        ([*image, *mask, "--depth", str(tmp_path / "small_depth.npy")], "--depth and --intrinsics go together"),
+        ([*image, *mask, "--depth", str(tmp_path / "small_depth.npy"), "--intrinsics", "500,500,300,200"],
+         "depth is 60x40 but the mask is 600x400"),
+    ]
+    for args, message in cases:
+        assert grasp_main([*args, "--out", str(tmp_path / "o")]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "o").exists()
+    proc = run_lens_grasp(*image, "--mask", str(tmp_path / "empty.png"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr == "error: mask is empty: there is no object to grasp\n"
+    assert proc.stdout == "" and not (tmp_path / "o").exists()
