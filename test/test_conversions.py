@@ -1,4 +1,5 @@
-"""lens_ros.ros.conversions: sensor_msgs/Image <-> numpy and SegmentationResult -> Segmentation.
+"""lens_ros.ros.conversions: sensor_msgs/Image <-> numpy, CompressedImage -> numpy and
+SegmentationResult -> Segmentation (and -> vision_msgs/Detection2DArray).
 
 Real sensor_msgs / lens_ros messages throughout (no mocks); messages are also put through
 rclpy's CDR serialisation to show that what is built here is what goes on the wire.
@@ -7,14 +8,16 @@ rclpy's CDR serialisation to show that what is built here is what goes on the wi
 import array
 import dataclasses
 
+import cv2
 import numpy as np
 import pytest
 from builtin_interfaces.msg import Time
+from geometry_msgs.msg import Pose2D
 from rclpy.serialization import deserialize_message, serialize_message
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from lens_ros.images import InvalidInputError
+from lens_ros.images import InvalidInputError, to_rgb8
 from lens_ros.msg import GraspRegion, Segmentation
 from lens_ros.pipeline import SegmentationResult, StageTimings
 from lens_ros.ros.conversions import (
@@ -22,15 +25,21 @@ from lens_ros.ros.conversions import (
     DEPTH_ENCODINGS,
     SUPPORTED_ENCODINGS,
     ImageConversionError,
+    DEFAULT_MAX_DECODED_PIXELS,
+    VISION_MSGS_MISSING,
+    _set_bbox_center,
     array_to_image,
     color_image_to_rgb,
+    compressed_image_to_rgb,
     depth_image_to_metres,
     image_to_array,
     mask_to_image,
     quaternion_from_axes,
+    result_to_detections,
     result_to_segmentation,
     seconds_between,
     stamp_to_seconds,
+    vision_msgs_available,
 )
 
 H, W = 32, 40  # at least the pipeline's 28 px minimum, so colour images pass to_rgb8
@@ -499,3 +508,260 @@ def test_a_grasp_with_non_finite_image_numbers_is_left_out(bad):
     msg = result_to_segmentation(segmentation_result(grasps=[FakeGraspCandidate(**frame, **bad), good]), header(), 1)
     assert len(msg.grasps) == 1 and msg.grasps[0].has_3d
     assert all(np.isfinite(v) and abs(v) <= FLOAT32_MAX for v in region_numbers(msg.grasps[0]))
+
+
+# -- sensor_msgs/CompressedImage ------------------------------------------------------------------
+# Messages are made as image_transport's compressed plugin makes them (compressed_publisher.cpp,
+# rolling and humble alike): JPEG encodes colour converted to bgr8 and grey to mono8; PNG encodes
+# colour converted to bgr8/bgr16 (alpha dropped) and grey as it is; TIFF encodes the pixels as they
+# are. `format` is "<encoding>; <codec> compressed <what was encoded>".
+BGR_CONVERSIONS = {"rgb8": cv2.COLOR_RGB2BGR, "rgba8": cv2.COLOR_RGBA2BGR, "bgra8": cv2.COLOR_BGRA2BGR}
+JPEG_QUALITY = 95  # the plugin's default jpeg_quality
+
+
+def compressed_message(fmt, payload, stamp=None):
+    return CompressedImage(header=stamp or Header(), format=fmt, data=array.array("B", bytes(payload)))
+
+
+def encoded(extension, pixels, params=()):
+    ok, buffer = cv2.imencode(extension, pixels, list(params))
+    assert ok
+    return buffer.tobytes()
+
+
+def plugin_message(pixels, encoding, codec):
+    """The CompressedImage image_transport's compressed plugin publishes for a raw image."""
+    colour = encoding not in ("mono8", "mono16")
+    if codec == "tiff":
+        target, encoded_as = pixels, ""
+    elif colour:
+        target = cv2.cvtColor(pixels, BGR_CONVERSIONS[encoding]) if encoding in BGR_CONVERSIONS else pixels
+        encoded_as = "bgr8"
+    else:
+        target, encoded_as = pixels, ("mono8" if codec == "jpeg" else "")
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if codec == "jpeg" else []
+    extension = {"jpeg": ".jpg", "png": ".png", "tiff": ".tiff"}[codec]
+    return compressed_message(f"{encoding}; {codec} compressed {encoded_as}", encoded(extension, target, params),
+                              header())
+
+
+def received(msg):
+    """``msg`` as a subscriber receives it (through rclpy's CDR serialisation)."""
+    return deserialize_message(serialize_message(msg), CompressedImage)
+
+
+@pytest.mark.parametrize("codec", ["png", "tiff"])
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16"])
+def test_lossless_compressed_images_decode_to_the_raw_images_array(codec, encoding):
+    """The same uint8 RGB as color_image_to_rgb gives for the raw image, bit for bit: colour order,
+    alpha dropped, grey repeated, mono16 scaled to 8 bits by the same rule."""
+    pixels = random_array(encoding, np.random.default_rng(20))
+    expected = color_image_to_rgb(array_to_image(pixels, encoding))
+    msg = received(plugin_message(pixels, encoding, codec))
+    assert msg.format.startswith(f"{encoding}; {codec} compressed")
+    out = compressed_image_to_rgb(msg)
+    assert out.dtype == np.uint8 and out.shape == (H, W, 3) and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("encoding", ["rgb16", "bgr16"])
+def test_16_bit_colour_png_is_scaled_as_16_bit_raw_images_are(encoding):
+    rgb16 = np.random.default_rng(21).integers(0, 65535, size=(H, W, 3), dtype=np.uint16, endpoint=True)
+    rgb16[0, :3] = [[0, 0, 0], [65535, 65535, 65535], [257, 514, 32896]]  # exactly 0, 255 and 1, 2, 128
+    bgr16 = rgb16[:, :, ::-1]  # what the plugin encodes ("bgr16"), whatever the raw order was
+    msg = compressed_message(f"{encoding}; png compressed bgr16", encoded(".png", np.ascontiguousarray(bgr16)))
+    out = compressed_image_to_rgb(msg)
+    np.testing.assert_array_equal(out, to_rgb8(rgb16))
+    np.testing.assert_array_equal(out[0, :3], [[0, 0, 0], [255, 255, 255], [1, 2, 128]])
+
+
+def smooth_rgb():
+    """A JPEG-friendly picture: colour gradients with three saturated blocks (red, blue, green)."""
+    rows, cols = np.mgrid[0:64, 0:80]
+    rgb = np.stack([cols * 255 // 79, rows * 255 // 63, np.full_like(rows, 128)], axis=2).astype(np.uint8)
+    rgb[:32, :32], rgb[:32, 48:], rgb[32:, :32] = (255, 0, 0), (0, 0, 255), (0, 255, 0)
+    return rgb
+
+
+# Block interiors, 4 px from any colour edge (JPEG's chroma subsampling blurs edges by a pixel or two).
+JPEG_BLOCKS = {"red": np.s_[4:28, 4:28], "blue": np.s_[4:28, 52:76], "green": np.s_[36:60, 4:28],
+               "gradient": np.s_[36:60, 36:76]}
+
+
+@pytest.mark.parametrize("encoding", ["rgb8", "bgr8", "rgba8"])
+def test_jpeg_colour_decodes_in_rgb_order_within_tolerance(encoding):
+    """Tolerance at quality 95: within 4 levels inside the blocks, 3 levels on average overall
+    (measured: 1 and 3 inside, 2.3 on average). A swapped channel order would be off by 255."""
+    rgb = smooth_rgb()
+    raw = {"rgb8": rgb, "bgr8": rgb[:, :, ::-1], "rgba8": np.dstack([rgb, np.full(rgb.shape[:2], 9, np.uint8)])}
+    out = compressed_image_to_rgb(received(plugin_message(np.ascontiguousarray(raw[encoding]), encoding, "jpeg")))
+    error = np.abs(out.astype(int) - rgb)
+    assert error.mean() <= 3
+    for name, block in JPEG_BLOCKS.items():
+        assert error[block].max() <= 4, name
+    assert out[JPEG_BLOCKS["red"]].mean(axis=(0, 1)) == pytest.approx((255, 0, 0), abs=4)
+    assert out[JPEG_BLOCKS["blue"]].mean(axis=(0, 1)) == pytest.approx((0, 0, 255), abs=4)
+
+
+def test_jpeg_grey_decodes_within_tolerance():
+    """Grey JPEG at quality 95 is within 2 levels of the raw image's array (measured: 1)."""
+    grey = smooth_rgb()[:, :, 1]
+    out = compressed_image_to_rgb(received(plugin_message(grey, "mono8", "jpeg")))
+    assert out.shape == (64, 80, 3)
+    np.testing.assert_allclose(out, color_image_to_rgb(array_to_image(grey, "mono8")), atol=2)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "JPEG", "jpg", "tiff"])
+def test_bare_formats_hold_true_colours(fmt):
+    """Publishers other than image_transport write only the codec (sensor_msgs' comment says
+    "jpeg, png, tiff"); their files hold true colours, which OpenCV decodes as BGR."""
+    rgb = smooth_rgb()
+    extension = ".png" if fmt == "png" else ".tiff" if fmt == "tiff" else ".jpg"
+    out = compressed_image_to_rgb(compressed_message(fmt, encoded(extension, rgb[:, :, ::-1].copy())))
+    if extension == ".jpg":
+        assert out[JPEG_BLOCKS["red"]].mean(axis=(0, 1)) == pytest.approx((255, 0, 0), abs=4)
+    else:
+        np.testing.assert_array_equal(out, rgb)
+
+
+def test_bare_png_with_alpha_and_grey():
+    rgb = random_array("rgb8", np.random.default_rng(22))
+    bgra = np.dstack([rgb[:, :, ::-1], np.arange(H * W, dtype=np.uint8).reshape(H, W)])
+    np.testing.assert_array_equal(compressed_image_to_rgb(compressed_message("png", encoded(".png", bgra))), rgb)
+    grey = rgb[:, :, 0].copy()
+    np.testing.assert_array_equal(compressed_image_to_rgb(compressed_message("png", encoded(".png", grey))),
+                                  np.stack([grey] * 3, axis=2))
+
+
+def test_pre_2012_formats_hold_rgb():
+    """compressed_image_transport before Dec 2012 converted colour to rgb8 before encoding and
+    wrote "rgb8; png compressed" (no target): the channels come back in RGB order."""
+    rgb = random_array("rgb8", np.random.default_rng(23))
+    np.testing.assert_array_equal(compressed_image_to_rgb(compressed_message("bgr8; png compressed",
+                                                                             encoded(".png", rgb))), rgb)
+
+
+RGB_JPEG, RGB_PNG = "rgb8; jpeg compressed bgr8", "rgb8; png compressed bgr8"
+JPEG = encoded(".jpg", smooth_rgb()[:, :, ::-1].copy(), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+PNG = encoded(".png", smooth_rgb())
+FIRST_SCAN = JPEG.index(b"\xff\xda")
+TRUNCATED_JPEG = r"^JPEG data is truncated \(\d+ bytes\): "
+UNSUPPORTED_FORMAT = r"^unsupported compressed format "
+
+
+@pytest.mark.parametrize("fmt, payload, match", [
+    (RGB_JPEG, b"", rf"^compressed image data is empty \(format '{RGB_JPEG}'\)$"),
+    ("png", b"", r"^compressed image data is empty"),
+    (RGB_JPEG, b"not an image at all", r"^data is not JPEG \(it starts with '6e 6f 74 20"),
+    (RGB_PNG, JPEG, r"^data is not PNG \(it starts with 'ff d8 ff"),
+    # cv2.imdecode would decode any codec it knows (WebP here): the format's codec is enforced.
+    (RGB_JPEG, encoded(".webp", smooth_rgb()), r"^data is not JPEG \(it starts with '52 49 46 46"),
+    (RGB_JPEG, JPEG[:200], TRUNCATED_JPEG + "it ends before its first scan$"),
+    (RGB_JPEG, JPEG[:FIRST_SCAN + 40], TRUNCATED_JPEG + "no end-of-image marker$"),
+    (RGB_JPEG, JPEG[:-2], TRUNCATED_JPEG + "no end-of-image marker$"),
+    (RGB_PNG, PNG[:300], r"^PNG data \(300 bytes\) could not be decoded: truncated or corrupt$"),
+    (RGB_PNG, PNG[:20], r"^PNG data is truncated or corrupt: no IHDR header \(20 bytes\)$"),
+    ("rgb8; tiff compressed ", encoded(".tiff", smooth_rgb())[:8], r"^TIFF data is truncated or corrupt \(8 bytes\)$"),
+    ("rgb8; webp compressed bgr8", JPEG, UNSUPPORTED_FORMAT + r"'rgb8; webp compressed bgr8' \(supported: "),
+    ("h264", JPEG, UNSUPPORTED_FORMAT + "'h264'"),
+    ("", JPEG, UNSUPPORTED_FORMAT + "''"),
+    ("rgb8; jpeg compressed yuv422", JPEG, r"^compressed format 'rgb8; jpeg compressed yuv422': unknown encoded form"),
+    ("16UC1; png compressed ", encoded(".png", np.zeros((H, W), np.uint16)),
+     r"^compressed format '16UC1; png compressed ': unsupported encoding '16UC1' for a colour image \(supported: "),
+    ("16UC1; compressedDepth png", b"\x00" * 64, r"^compressed format '16UC1; compressedDepth png' is "
+     r"compressed_depth_image_transport's depth format, which is not supported"),
+], ids=["empty", "empty-bare", "garbage", "jpeg-as-png", "webp-as-jpeg", "truncated-header", "truncated-scan",
+        "no-eoi", "truncated-png", "png-header-cut", "tiff-header-cut", "webp-format", "h264", "no-format",
+        "unknown-target", "depth-png", "compressed-depth"])
+def test_bad_compressed_images_are_refused_with_the_reason(fmt, payload, match):
+    with pytest.raises(ImageConversionError, match=match) as caught:
+        compressed_image_to_rgb(received(compressed_message(fmt, payload)))
+    assert isinstance(caught.value, InvalidInputError)
+
+
+def test_corrupt_png_data_is_refused():
+    png = bytearray(PNG)
+    start = png.index(b"IDAT") + 20
+    png[start:start + 16] = bytes(16)  # the chunk's CRC no longer matches
+    with pytest.raises(ImageConversionError, match=r"^PNG data \(\d+ bytes\) could not be decoded: "
+                       r"truncated or corrupt$"):
+        compressed_image_to_rgb(compressed_message(RGB_PNG, bytes(png)))
+
+
+def with_jpeg_size(jpeg, height, width):
+    """``jpeg`` with the size in its frame header replaced (a decompression bomb's header)."""
+    sof = jpeg.index(b"\xff\xc0")
+    return jpeg[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[sof + 9:]
+
+
+def test_a_decompression_bomb_is_refused_before_decoding():
+    """Headers declaring billions of pixels on a few kB of data are refused from the header alone
+    (the PNG's header CRC is wrong too: decoding would have failed differently)."""
+    with pytest.raises(ImageConversionError, match=r"^compressed image is 65000x60000 px \(3900000000 pixels\), "
+                       rf"over the limit of {DEFAULT_MAX_DECODED_PIXELS}: refused before decoding$"):
+        compressed_image_to_rgb(compressed_message(RGB_JPEG, with_jpeg_size(JPEG, 60000, 65000)))
+    png = bytearray(PNG)
+    png[16:24] = (100_000).to_bytes(4, "big") * 2
+    with pytest.raises(ImageConversionError, match=r"^compressed image is 100000x100000 px"):
+        compressed_image_to_rgb(compressed_message("png", bytes(png)))
+
+
+def test_the_pixel_limit_and_the_pipelines_size_rules_apply_to_the_header():
+    msg = plugin_message(random_array("rgb8", np.random.default_rng(24)), "rgb8", "png")
+    assert compressed_image_to_rgb(msg, max_pixels=H * W).shape == (H, W, 3)
+    with pytest.raises(ImageConversionError, match=rf"over the limit of {H * W - 1}: refused before decoding$"):
+        compressed_image_to_rgb(msg, max_pixels=H * W - 1)
+    small = compressed_message("png", encoded(".png", np.zeros((20, 40), np.uint8)))
+    with pytest.raises(InvalidInputError, match=r"^image is 40x20 px; both sides must be at least 28 px$"):
+        compressed_image_to_rgb(small)
+
+
+# -- vision_msgs/Detection2DArray -----------------------------------------------------------------
+def test_found_result_becomes_one_detection():
+    vision = pytest.importorskip("vision_msgs.msg")
+    assert vision_msgs_available()
+    msg = result_to_detections(segmentation_result(), header(), 7)
+    assert isinstance(msg, vision.Detection2DArray)
+    msg = deserialize_message(serialize_message(msg), vision.Detection2DArray)  # as a subscriber gets it
+    assert msg.header == header()
+    (detection,) = msg.detections
+    assert detection.header == header() and detection.id == "7"
+    bbox = detection.bbox  # the box is (8.0, 4.0, 29.5, 9.25)
+    assert (bbox.center.position.x, bbox.center.position.y, bbox.center.theta) == (18.75, 6.625, 0.0)
+    assert (bbox.size_x, bbox.size_y) == (21.5, 5.25)
+    (hypothesis,) = detection.results
+    assert (hypothesis.hypothesis.class_id, hypothesis.hypothesis.score) == ("the red mug", 0.875)
+    assert hypothesis.pose == vision.ObjectHypothesisWithPose().pose  # no 3-D pose of the object
+
+
+def test_a_result_without_an_object_has_no_detections():
+    vision = pytest.importorskip("vision_msgs.msg")
+    for result in (segmentation_result(found=False), SegmentationResult.failure("the red mug", "image: bad", (H, W))):
+        msg = result_to_detections(result, header(), 3)
+        assert isinstance(msg, vision.Detection2DArray) and msg.header == header() and list(msg.detections) == []
+    assert result_to_detections(segmentation_result(found=False), None, 0).header == Header()
+
+
+def test_detections_refuse_a_found_result_without_a_finite_box():
+    pytest.importorskip("vision_msgs.msg")
+    for box in (None, (1.0, 2.0, np.nan, 4.0), (1.0, 2.0, 3.0)):
+        result = dataclasses.replace(segmentation_result(), box=box)
+        with pytest.raises(ValueError, match=r"^a found result needs a finite box \(x1, y1, x2, y2\), got "):
+            result_to_detections(result, header(), 1)
+    with pytest.raises(ValueError, match=r"^request_id must be >= 0, got -1$"):
+        result_to_detections(segmentation_result(), header(), -1)
+
+
+def test_bbox_center_is_set_in_the_3x_layout_too():
+    """vision_msgs 3.x (Galactic) has a geometry_msgs/Pose2D centre (x, y, theta)."""
+    center = Pose2D()
+    _set_bbox_center(center, 18.75, 6.625)
+    assert (center.x, center.y, center.theta) == (18.75, 6.625, 0.0)
+
+
+def test_detections_without_vision_msgs_say_what_to_install():
+    if vision_msgs_available():
+        pytest.skip("vision_msgs is installed")
+    with pytest.raises(ModuleNotFoundError, match="^vision_msgs is not installed"):
+        result_to_detections(segmentation_result(), header(), 1)
+    assert VISION_MSGS_MISSING.startswith("vision_msgs is not installed")

@@ -415,3 +415,45 @@ def test_a_missing_model_fails_activate_and_says_how_in_the_nodes_own_syntax():
         assert node.alive()  # inactive, ready for a corrected model
     finally:
         assert node.stop() == 0, node.output()
+
+
+def test_compressed_images_in_and_vision_msgs_detections_out(scripted_checkpoint):
+    """image_transport:=compressed takes JPEG frames on image/compressed (a corrupt one is answered
+    with an error); publish_detections:=true puts every answer on detections as well."""
+    import cv2
+    from sensor_msgs.msg import CompressedImage
+
+    vision_msgs = pytest.importorskip("vision_msgs.msg")
+    harness = Harness(scripted_checkpoint, "/cam_j", max_new_tokens=64, image_transport="compressed",
+                      publish_detections=True)
+    try:
+        compressed_pub = harness.peer.node.create_publisher(CompressedImage, "/cam_j/image/compressed",
+                                                            qos_profile_sensor_data)
+        detections = harness.peer.subscribe(vision_msgs.Detection2DArray, "/cam_j/detections")
+        harness.wait_state("active")
+        harness.peer.wait_matched(compressed_pub)
+
+        def send(data: bytes):
+            for _ in range(3):
+                msg = CompressedImage(format="bgr8; jpeg compressed bgr8", data=data)
+                msg.header.stamp, msg.header.frame_id = harness.peer.now().to_msg(), "camera_optical"
+                compressed_pub.publish(msg)
+                time.sleep(0.05)
+
+        ok, jpeg = cv2.imencode(".jpg", harness.rgb[:, :, ::-1].copy())
+        send(jpeg.tobytes())
+        answer = harness.command("the cup")
+        assert answer.error == "" and answer.found and (answer.mask.height, answer.mask.width) == (120, 160)
+        assert harness.peer.wait_for(lambda: detections, 10)
+        (detection,) = detections[0].detections
+        x1, y1, x2, y2 = answer.box
+        assert detection.results[0].hypothesis.class_id == "the cup" and detection.id == str(answer.request_id)
+        assert detection.bbox.size_x == pytest.approx(x2 - x1) and detection.bbox.center.position.x == pytest.approx(
+            (x1 + x2) / 2)
+        assert detections[0].header.stamp == answer.header.stamp
+        send(jpeg.tobytes()[: len(jpeg) // 2])  # cut off mid-scan
+        broken = harness.command("the cup")
+        assert broken.error.startswith("image: JPEG data is truncated"), broken.error
+        assert harness.peer.wait_for(lambda: len(detections) == 2, 10) and detections[1].detections == []
+    finally:
+        harness.close()

@@ -1,9 +1,10 @@
 """ROS messages <-> numpy: the conversion layer of the ROS node.
 
 ``sensor_msgs/Image`` is read into numpy arrays (colour images to the uint8 RGB the pipeline
-takes, depth images to float32 metres; the ROS-free rules live in ``lens_ros.image_messages``
-and are re-exported here) and masks/arrays are written back into Images; a
-``SegmentationResult`` becomes a ``lens_ros/Segmentation`` message.
+takes, depth images to float32 metres; ``sensor_msgs/CompressedImage`` colour images too; the
+ROS-free rules live in ``lens_ros.image_messages`` and are re-exported here) and masks/arrays
+are written back into Images; a ``SegmentationResult`` becomes a ``lens_ros/Segmentation``
+message and, where vision_msgs is installed, a ``vision_msgs/Detection2DArray``.
 
 Bad images raise ``ImageConversionError``, an ``InvalidInputError`` (hence a ``ValueError``),
 whose message names the problem, so the node can report it and keep serving.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import array as _array
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -24,13 +26,17 @@ from std_msgs.msg import Header
 from lens_ros.image_messages import (  # noqa: F401 (re-exported: the node's conversions in one place)
     _ENCODINGS,
     COLOR_ENCODINGS,
+    COMPRESSED_COLOR_ENCODINGS,
+    DEFAULT_MAX_DECODED_PIXELS,
     DEPTH_ENCODINGS,
     SUPPORTED_ENCODINGS,
     ImageConversionError,
     _unsupported,
     color_image_to_rgb,
+    compressed_image_to_rgb,
     depth_image_to_metres,
     image_to_array,
+    parse_compressed_format,
 )
 from lens_ros.msg import GraspRegion, Segmentation
 
@@ -240,3 +246,60 @@ def result_to_segmentation(result: SegmentationResult, header: Header | None, re
     for stage in dataclasses.fields(StageTimings):
         setattr(msg, f"latency_{stage.name}", float(getattr(result.timings, stage.name)))
     return msg
+
+
+# -- vision_msgs -----------------------------------------------------------------------------------
+# vision_msgs is an optional dependency (not a PyPI wheel; many robots have it, some do not), so it
+# is imported only when detections are built.
+VISION_MSGS_MISSING = ("vision_msgs is not installed: install ros-<distro>-vision-msgs (apt) or the "
+                       "vision_msgs wheel to publish vision_msgs/Detection2DArray")
+
+
+@functools.cache
+def vision_msgs_available() -> bool:
+    """Whether ``vision_msgs.msg`` imports (checked once per process)."""
+    try:
+        import vision_msgs.msg  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def result_to_detections(result: SegmentationResult, header: Header | None, request_id: int):
+    """A vision_msgs/Detection2DArray for ``result``, stamped with ``header`` (the segmented image's).
+
+    Found: one Detection2D whose bbox is the result's box (centre and size in the image's pixels,
+    the box's own continuous coordinates: the image's top-left corner is 0, 0), id the request id
+    and one hypothesis: class_id the command, score the result's score (SAM2's predicted IoU).
+    Not found (or failed): no detections. The hypothesis' pose is left zero: the object's 3-D pose
+    is not known (grasp poses go out on their own topic). Raises ``ModuleNotFoundError`` when
+    vision_msgs is absent and ValueError for a found result with a missing or non-finite box.
+    """
+    try:
+        from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
+    except ImportError as exc:
+        raise ModuleNotFoundError(VISION_MSGS_MISSING, name="vision_msgs") from exc
+    if request_id < 0:
+        raise ValueError(f"request_id must be >= 0, got {request_id}")
+    detections = Detection2DArray(header=_copy_header(header))
+    if not result.found:
+        return detections
+    box = None if result.box is None else tuple(float(v) for v in result.box)
+    if box is None or len(box) != 4 or not all(np.isfinite(box)):
+        raise ValueError(f"a found result needs a finite box (x1, y1, x2, y2), got {result.box!r}")
+    x1, y1, x2, y2 = box
+    detection = Detection2D(header=_copy_header(header), id=str(int(request_id)))
+    _set_bbox_center(detection.bbox.center, (x1 + x2) / 2, (y1 + y2) / 2)
+    detection.bbox.size_x, detection.bbox.size_y = x2 - x1, y2 - y1
+    hypothesis = ObjectHypothesisWithPose()
+    hypothesis.hypothesis.class_id, hypothesis.hypothesis.score = result.command, float(result.score)
+    detection.results = [hypothesis]
+    detections.detections = [detection]
+    return detections
+
+
+def _set_bbox_center(center, x: float, y: float) -> None:
+    """Set a BoundingBox2D centre in either layout: vision_msgs/Pose2D (position.x/y; vision_msgs
+    4.x: Humble, Iron, Jazzy, Kilted, Rolling) or geometry_msgs/Pose2D (x, y; 3.x: Galactic)."""
+    target = center.position if hasattr(center, "position") else center
+    target.x, target.y = x, y

@@ -37,7 +37,7 @@ from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackRet
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import serialize_message
 from rclpy.signals import SignalHandlerOptions
-from sensor_msgs.msg import CameraInfo, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from lens_ros.action import Segment
@@ -47,11 +47,15 @@ from lens_ros.msg import Feedback, Segmentation
 from lens_ros.pipeline import Cancelled, SegmentationResult
 from lens_ros.ros.conversions import (
     ImageConversionError,
+    VISION_MSGS_MISSING,
     array_to_image,
     color_image_to_rgb,
+    compressed_image_to_rgb,
     depth_image_to_metres,
+    result_to_detections,
     result_to_segmentation,
     stamp_to_seconds,
+    vision_msgs_available,
 )
 from lens_ros.ros.params import NodeConfig, parameter_descriptions
 from lens_ros.ros.scheduler import RequestScheduler, throttled_progress
@@ -62,6 +66,8 @@ NODE_NAME = "lens_node"
 IMAGE_TOPIC, CAMERA_INFO_TOPIC, DEPTH_TOPIC = "image", "camera_info", "depth"
 COMMAND_TOPIC, FEEDBACK_TOPIC, SEGMENT_ACTION = "command", "feedback", "segment"
 SEGMENTATION_TOPIC, MASK_TOPIC, GRASP_POSE_TOPIC, OVERLAY_TOPIC = "segmentation", "mask", "grasp_pose", "overlay"
+DETECTIONS_TOPIC = "detections"
+COMPRESSED_SUFFIX = "/compressed"  # image_transport's name for the compressed form of a topic
 DIAGNOSTICS_TOPIC = "/diagnostics"
 # Images published per answer (mask, overlay) and grasp poses: reliable, a short history.
 IMAGE_RESULT_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -129,7 +135,7 @@ class LensNode(LifecycleNode):
         self._goals_in_flight = 0
         self._entities: list = []
         self._action = None
-        self._segmentation_pub = self._mask_pub = self._grasp_pub = self._overlay_pub = None
+        self._segmentation_pub = self._mask_pub = self._grasp_pub = self._overlay_pub = self._detections_pub = None
         self._diagnostics_pub = None
         self._recording = None  # lens_ros.ros.recording.RecordingQueue while record_dir is set
         self._answer_ready = self.create_guard_condition(lambda: None)
@@ -185,8 +191,18 @@ class LensNode(LifecycleNode):
         self._grasp_pub = self.create_lifecycle_publisher(PoseStamped, GRASP_POSE_TOPIC, IMAGE_RESULT_QOS)
         self._overlay_pub = self.create_lifecycle_publisher(Image, OVERLAY_TOPIC, IMAGE_RESULT_QOS)
         self._diagnostics_pub = self.create_publisher(DiagnosticArray, DIAGNOSTICS_TOPIC, 10)
+        if cfg.publish_detections:
+            if not vision_msgs_available():
+                raise RuntimeError(f"parameter 'publish_detections': {VISION_MSGS_MISSING}")
+            from vision_msgs.msg import Detection2DArray
+
+            self._detections_pub = self.create_lifecycle_publisher(Detection2DArray, DETECTIONS_TOPIC, requests)
+        if cfg.image_transport == "compressed":  # image_transport's topic: the remapped image topic + /compressed
+            frames = (CompressedImage, self.resolve_topic_name(IMAGE_TOPIC) + COMPRESSED_SUFFIX)
+        else:
+            frames = (Image, IMAGE_TOPIC)
         self._entities = [
-            self.create_subscription(Image, IMAGE_TOPIC, self._sensors.add_frame, image_qos),
+            self.create_subscription(*frames, self._sensors.add_frame, image_qos),
             self.create_subscription(Image, DEPTH_TOPIC, self._on_depth, image_qos),
             self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._on_camera_info, image_qos),
             self.create_subscription(String, COMMAND_TOPIC, self._on_command, requests),
@@ -289,7 +305,7 @@ class LensNode(LifecycleNode):
         if self._action is not None:
             self._action.destroy()
             self._action = None
-        for name in ("_segmentation_pub", "_mask_pub", "_grasp_pub", "_overlay_pub"):
+        for name in ("_segmentation_pub", "_mask_pub", "_grasp_pub", "_overlay_pub", "_detections_pub"):
             if getattr(self, name) is not None:
                 self.destroy_lifecycle_publisher(getattr(self, name))
                 setattr(self, name, None)
@@ -380,7 +396,12 @@ class LensNode(LifecycleNode):
         header = frame.header
         request.frame = frame
         try:
-            rgb = color_image_to_rgb(frame)
+            if isinstance(frame, CompressedImage):
+                rgb = compressed_image_to_rgb(frame)
+                if self._recording is not None:  # episodes hold raw images (what training reads)
+                    request.frame = array_to_image(rgb, "rgb8", header)
+            else:
+                rgb = color_image_to_rgb(frame)
         except InvalidInputError as exc:  # conversion and size problems alike
             return self._failure(request, f"image: {exc}"), header
         cfg = self.config
@@ -483,6 +504,8 @@ class LensNode(LifecycleNode):
             self._answer_ready.trigger()  # wake the executor: the goal's coroutine takes it from here
         if not request.from_action and self._segmentation_pub is not None:
             self._segmentation_pub.publish(message)
+            if self._detections_pub is not None:
+                self._detections_pub.publish(result_to_detections(result, header, request.id))
             if not result.error:
                 self._mask_pub.publish(message.mask)
                 best = next((g for g in message.grasps if g.has_3d), None)  # grasps come best first

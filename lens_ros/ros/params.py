@@ -18,6 +18,7 @@ from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
 from lens_ros.ros.scheduler import BUSY_POLICIES
 
 IMAGE_QOS = ("sensor_data", "reliable")
+IMAGE_TRANSPORTS = ("raw", "compressed")
 FRAME_POLICIES = ("newest", "next")
 
 
@@ -42,6 +43,9 @@ class NodeConfig:
     command_queue_depth: int = 1000
     """History depth of the reliable command and feedback subscriptions, the action's goal, cancel and result
     services and the segmentation answers: a burst up to this size waits in DDS instead of being lost."""
+    image_transport: str = "raw"
+    """How the colour image arrives: 'raw' (sensor_msgs/Image on 'image') or 'compressed' (sensor_msgs/CompressedImage
+    on 'image/compressed', JPEG/PNG/TIFF as image_transport's compressed plugin publishes it)."""
     image_qos: str = "sensor_data"
     """QoS of the image, depth and camera_info subscriptions: 'sensor_data' (best effort) or 'reliable'."""
     max_image_age_s: float = 1.0
@@ -83,6 +87,9 @@ class NodeConfig:
     rosbag2/MCAP bags under this directory, for retraining; empty: off."""
     record_max_bag_mb: int = 1000
     """Start a new bag when the current one reaches this size (MB)."""
+    publish_detections: bool = False
+    """Also publish every answer as vision_msgs/Detection2DArray on 'detections' (box, score, the command as the
+    class id), for tools and nodes that know vision_msgs; needs vision_msgs installed."""
     publish_overlay: bool = False
     """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
     diagnostics_period_s: float = 1.0
@@ -125,6 +132,7 @@ class NodeConfig:
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ValueError(f"parameter {f.name!r} must be {expected.__name__}, got {value!r}")
         _one_of("image_qos", self.image_qos, IMAGE_QOS)
+        _one_of("image_transport", self.image_transport, IMAGE_TRANSPORTS)
         _one_of("busy_policy", self.busy_policy, BUSY_POLICIES)
         _one_of("frame_policy", self.frame_policy, FRAME_POLICIES)
         _one_of("dtype", self.dtype, ("auto", *DTYPES))
