@@ -39,8 +39,10 @@ SAM2 := sam2==1.1.0
 ROS2_CLI_WHEELS ?= $(abspath $(CURDIR)/../shared/wheels/ros2-cli)
 ROS2_CLI_PYPI_DEPS := osrf-pycommon argcomplete
 
-INTERFACE_SOURCES := package.xml CMakeLists.txt scripts/build_interfaces.sh \
-	$(wildcard msg/*.msg) $(wildcard action/*.action)
+# What `cmake --install` puts into the venv: the interfaces, and the files `ros2 launch`/`ros2 run`
+# find through the ament index (launch/, config/, lib/lens_ros/lens_node).
+INTERFACE_SOURCES := package.xml CMakeLists.txt scripts/build_interfaces.sh scripts/lens_node \
+	$(wildcard msg/*.msg) $(wildcard action/*.action) $(wildcard launch/*) $(wildcard config/*)
 
 # $(call logged,NAME,COMMAND): run COMMAND with its output in $(LOGS)/NAME.log, shown on failure.
 LOGS := $(BUILD)/logs

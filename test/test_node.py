@@ -457,3 +457,14 @@ def test_compressed_images_in_and_vision_msgs_detections_out(scripted_checkpoint
         assert harness.peer.wait_for(lambda: len(detections) == 2, 10) and detections[1].detections == []
     finally:
         harness.close()
+
+
+def test_a_best_effort_camera_against_image_qos_reliable_is_reported(tiny_checkpoint):
+    harness = Harness(tiny_checkpoint, "/cam_q", image_qos="reliable")
+    try:
+        harness.wait_state("active")
+        harness.send_image()  # the harness's camera publishes best effort, like a camera driver
+        assert harness.peer.wait_for(lambda: (harness.state() or {}).get("image_qos_incompatible", "0") != "0", 20)
+        assert "offers QoS incompatible with image_qos 'reliable' (policy RELIABILITY)" in harness.node.output()
+    finally:
+        harness.close()

@@ -34,9 +34,15 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.qos import qos_policy_name_from_kind
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.serialization import serialize_message
 from rclpy.signals import SignalHandlerOptions
+
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:  # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
@@ -201,10 +207,12 @@ class LensNode(LifecycleNode):
             frames = (CompressedImage, self.resolve_topic_name(IMAGE_TOPIC) + COMPRESSED_SUFFIX)
         else:
             frames = (Image, IMAGE_TOPIC)
+        sensor_events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_sensor_qos)
         self._entities = [
-            self.create_subscription(*frames, self._sensors.add_frame, image_qos),
-            self.create_subscription(Image, DEPTH_TOPIC, self._on_depth, image_qos),
-            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._on_camera_info, image_qos),
+            self.create_subscription(*frames, self._sensors.add_frame, image_qos, event_callbacks=sensor_events),
+            self.create_subscription(Image, DEPTH_TOPIC, self._on_depth, image_qos, event_callbacks=sensor_events),
+            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._on_camera_info, image_qos,
+                                     event_callbacks=sensor_events),
             self.create_subscription(String, COMMAND_TOPIC, self._on_command, requests),
             self.create_subscription(Feedback, FEEDBACK_TOPIC, self._on_feedback, requests),
         ]
@@ -322,6 +330,15 @@ class LensNode(LifecycleNode):
 
     def _on_camera_info(self, msg: CameraInfo) -> None:
         self._sensors.add_camera_info(msg)
+
+    def _on_incompatible_sensor_qos(self, event) -> None:
+        """A camera whose QoS cannot match image_qos (typically: a best-effort driver and
+        image_qos 'reliable') sends this node nothing; say so, and how to fix it."""
+        self._count("image_qos_incompatible")
+        self.get_logger().warning(
+            f"a sensor publisher offers QoS incompatible with image_qos {self.config.image_qos!r} (policy "
+            f"{qos_policy_name_from_kind(event.last_policy_kind)}): no message will arrive from it; a best-effort "
+            f"camera needs image_qos 'sensor_data'")
 
     def _count(self, key: str) -> None:
         with self._counts_lock:
@@ -538,7 +555,8 @@ class LensNode(LifecycleNode):
             "depth_received": self._sensors.depth_received,
             "camera_info_received": self._sensors.camera_info_received,
             **{key: counts[key] for key in ("commands_received", "commands_ignored", "goals_received",
-                                            "goals_rejected", "feedback_received", "answers", "errors")},
+                                            "goals_rejected", "feedback_received", "answers", "errors",
+                                            "image_qos_incompatible")},
             "requests_superseded": scheduled.superseded, "requests_rejected": scheduled.rejected,
             "requests_refused": scheduled.refused, "internal_errors": scheduled.internal_errors + scheduled.delivery_errors,
             "last_error": self._last_error,
