@@ -6,10 +6,24 @@
 #   make grasp-figure  the README's grasp pictures (docs/; no model weights needed)
 #   make clean    remove build/ and the venv's stamps (next `make venv` re-checks everything)
 #   make distclean  also remove .venv
-# Versions are pinned in constraints.txt (used through PIP_CONSTRAINT for every pip call).
+#   make venv ROS_DISTRO=jazzy / make test ROS_DISTRO=jazzy   the same against ROS 2 Jazzy (the LTS),
+#                 in .venv-jazzy: the ROS-facing tests (CI runs them after the Kilted suite)
+# Versions are pinned in constraints.txt (used through PIP_CONSTRAINT for every pip call); for Jazzy
+# its ros-* pins are replaced by constraints-jazzy.txt's.
 
 PYTHON ?= python3
+ROS_DISTRO ?= kilted
+ifeq ($(ROS_DISTRO),kilted)
 VENV ?= .venv
+CONSTRAINTS := constraints.txt
+TEST_PATHS ?= test
+else
+VENV ?= .venv-$(ROS_DISTRO)
+CONSTRAINTS := build/constraints-$(ROS_DISTRO).txt
+# What differs between distros: the ROS side (messages, rclpy, DDS, the node, episode bags).
+TEST_PATHS ?= test/test_interfaces.py test/test_conversions.py test/test_image_messages.py test/test_scheduler.py \
+	test/test_params.py test/test_episodes.py test/test_node.py test/test_node_reliability.py
+endif
 VPY := $(VENV)/bin/python
 BUILD := build
 STAMPS := $(VENV)/.lens_ros-stamps
@@ -18,7 +32,7 @@ BENCH_ARGS ?=
 PYTEST_ARGS ?=
 
 # Every pip call: exact versions, no prompts (CI has no stdin).
-PIP := PIP_CONSTRAINT="$(CURDIR)/constraints.txt" PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+PIP := PIP_CONSTRAINT="$(CURDIR)/$(CONSTRAINTS)" PIP_NO_INPUT=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
 	$(VPY) -m pip
 
 # Development-only packages beside setup.py's requirements and its train/bags/test extras:
@@ -31,12 +45,18 @@ DEV_PACKAGES := ros-rclpy ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-dia
 	ros-rosidl-core-generators catkin-pkg empy mcap-ros2-support \
 	colcon-core colcon-ros colcon-cmake colcon-bash colcon-recursive-crawl colcon-package-selection \
 	colcon-parallel-executor colcon-library-path
+# Jazzy has no ament_cmake_ros_core (new in Kilted); its ament_cmake_ros wants the test macros
+# instead, and its rosidl_generator_py python_cmake_module.
+NOT_IN_jazzy := ros-ament-cmake-ros-core
+ONLY_IN_jazzy := ros-ament-cmake-gmock ros-ament-cmake-gtest ros-ament-cmake-pytest ros-python-cmake-module
+DEV_PACKAGES := $(filter-out $(NOT_IN_$(ROS_DISTRO)),$(DEV_PACKAGES)) $(ONLY_IN_$(ROS_DISTRO))
 SETUP_EXTRAS := train bags test
 SAM2 := sam2==1.1.0
 # ROS 2's command-line tools (ros2 launch/run/topic/action/param/lifecycle, launch_ros) and
 # vision_msgs are not on PyPI: wheels of them lie beside the repository on the development and CI
 # machines. Elsewhere the folder is absent, the rest installs, and the tests that need `ros2` skip.
-ROS2_CLI_WHEELS ?= $(abspath $(CURDIR)/../shared/wheels/ros2-cli)
+# They are built against Kilted's libraries: the Jazzy venv goes without them.
+ROS2_CLI_WHEELS ?= $(if $(filter kilted,$(ROS_DISTRO)),$(abspath $(CURDIR)/../shared/wheels/ros2-cli),none-for-$(ROS_DISTRO))
 ROS2_CLI_PYPI_DEPS := osrf-pycommon argcomplete
 
 # What `cmake --install` puts into the venv: the interfaces, and the files `ros2 launch`/`ros2 run`
@@ -61,7 +81,7 @@ TEST_ENV := ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 venv: $(STAMPS)/interfaces $(STAMPS)/editable $(STAMPS)/ros2-cli $(STAMPS)/ament-prefix
 
 # 1. The venv itself and a pinned pip/setuptools.
-$(STAMPS)/bootstrap: constraints.txt
+$(STAMPS)/bootstrap: $(CONSTRAINTS)
 	@if [ ! -x "$(VPY)" ]; then echo "==> venv: creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv "$(VENV)"; fi
 	@echo "==> venv: pip and setuptools"
 	@$(call logged,pip-bootstrap,$(PIP) install pip setuptools)
@@ -69,8 +89,8 @@ $(STAMPS)/bootstrap: constraints.txt
 
 # 2. Dependencies: setup.py's requirements (+ extras), the ROS wheels, then sam2 (an sdist that
 #    must build against the torch already installed, without its CUDA extension).
-$(STAMPS)/deps: $(STAMPS)/bootstrap constraints.txt setup.py scripts/requirements.py
-	@echo "==> venv: dependencies (pinned by constraints.txt; torch takes a few minutes the first time)"
+$(STAMPS)/deps: $(STAMPS)/bootstrap $(CONSTRAINTS) setup.py scripts/requirements.py
+	@echo "==> venv: dependencies (pinned by $(CONSTRAINTS); torch takes a few minutes the first time)"
 	@$(VPY) scripts/requirements.py $(SETUP_EXTRAS) > $(STAMPS)/requirements.txt
 	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(DEV_PACKAGES))
 	@echo "==> venv: $(SAM2) (SAM2_BUILD_CUDA=0, no build isolation)"
@@ -86,14 +106,14 @@ $(STAMPS)/editable: $(STAMPS)/deps setup.py pyproject.toml
 	@touch $@
 
 # 4. The ROS interfaces (msg/, action/), built with cmake and installed into the venv's prefix.
-$(STAMPS)/interfaces: $(INTERFACE_SOURCES) constraints.txt | $(STAMPS)/deps
-	@echo "==> venv: ROS interfaces (cmake, $(BUILD)/interfaces)"
-	@bash scripts/build_interfaces.sh "$(VENV)" "$(BUILD)/interfaces"
+$(STAMPS)/interfaces: $(INTERFACE_SOURCES) $(CONSTRAINTS) | $(STAMPS)/deps
+	@echo "==> venv: ROS interfaces (cmake, $(BUILD)/interfaces-$(ROS_DISTRO))"
+	@bash scripts/build_interfaces.sh "$(VENV)" "$(BUILD)/interfaces-$(ROS_DISTRO)"
 	@touch $@
 
 # 5. The ROS 2 command-line tools, when their wheels are here (--no-deps: their metadata names ROS
 #    packages by ROS names; the testing/ wheels are left out: their pytest plugins break pytest 9).
-$(STAMPS)/ros2-cli: $(wildcard $(ROS2_CLI_WHEELS)/*.whl) constraints.txt | $(STAMPS)/deps
+$(STAMPS)/ros2-cli: $(wildcard $(ROS2_CLI_WHEELS)/*.whl) $(CONSTRAINTS) | $(STAMPS)/deps
 	@if [ -d "$(ROS2_CLI_WHEELS)" ]; then \
 		echo "==> venv: ROS 2 command-line tools ($(ROS2_CLI_WHEELS))"; \
 		$(call logged,pip-ros2-cli,$(PIP) install --no-deps $(ROS2_CLI_WHEELS)/*.whl && $(PIP) install $(ROS2_CLI_PYPI_DEPS)); \
@@ -113,10 +133,15 @@ $(STAMPS)/ament-prefix: Makefile | $(STAMPS)/deps
 	@printf '%s\n' "import os, sys; _p = [p for p in os.environ.get('AMENT_PREFIX_PATH', '').split(os.pathsep) if p]; sys.prefix in _p or os.environ.__setitem__('AMENT_PREFIX_PATH', os.pathsep.join(_p + [sys.prefix]))" > "$(AMENT_PTH)"
 	@touch $@
 
+# Another distro's constraints: constraints.txt without its (Kilted) ros-* pins, plus that distro's.
+build/constraints-%.txt: constraints.txt constraints-%.txt
+	@mkdir -p $(@D)
+	@{ grep -v -i '^ros-' constraints.txt; cat constraints-$*.txt; } > $@
+
 test: venv
 	@mkdir -p $(BUILD)/ros_log
 	@echo "==> test"
-	$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider test $(PYTEST_ARGS)
+	$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(TEST_PATHS) $(PYTEST_ARGS)
 
 # The demo never downloads by default (LENS is ~8 GB): it uses the local Hugging Face cache and
 # falls back to the tiny model. `make demo OFFLINE=0` lets it download OuyBin/LENS.
