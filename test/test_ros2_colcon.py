@@ -29,7 +29,8 @@ def _copy_repository(target: Path) -> None:
 
 def test_a_colcon_workspace_builds_and_its_launch_file_answers(tmp_path):
     """`colcon build` of a copy of the repository, then the README's robot launch line (the tiny model
-    on the CPU in place of the released weights on a GPU) from `source install/setup.bash`."""
+    on the CPU in place of the released weights on a GPU, and a parameters file) from
+    `source install/setup.bash`: its remaps, parameters and executable are the workspace's."""
     import os
 
     from std_msgs.msg import String
@@ -47,7 +48,10 @@ def test_a_colcon_workspace_builds_and_its_launch_file_answers(tmp_path):
     assert (workspace / "install" / "setup.bash").is_file()
 
     tiny = ensure_tiny_checkpoint(cache_dir=tmp_path / "cache")
-    line = ROBOT_LAUNCH.replace("model:=OuyBin/LENS device:=cuda", f"model:={tiny} device:=cpu")
+    # A parameters file of one's own, as a robot's launch would give (the shipped one, edited).
+    params = tmp_path / "wrist.yaml"
+    params.write_text((ROOT / "config" / "lens.yaml").read_text().replace("max_new_tokens: 256", "max_new_tokens: 3"))
+    line = ROBOT_LAUNCH.replace("model:=OuyBin/LENS device:=cuda", f"model:={tiny} device:=cpu params_file:={params}")
     script = f"source {workspace}/install/setup.bash && exec {ROS2} {line.removeprefix('ros2 ')}"
     log = tmp_path / "launch.log"
     camera = Camera()
@@ -66,6 +70,7 @@ def test_a_colcon_workspace_builds_and_its_launch_file_answers(tmp_path):
         commands.publish(String(data="the cup"))
         assert camera.peer.wait_for(lambda: answers, 60), log.read_text()[-3000:]
         assert answers[0].error == "" and answers[0].model == str(tiny)
+        assert 1 <= answers[0].generated_tokens <= 3  # the parameters file's max_new_tokens
     finally:
         code = stop(launch)
         camera.close()
