@@ -450,12 +450,7 @@ def _hold_writer_lock(file):
     it, and so does the kernel when the process dies (kill -9 included), which is exactly
     when a bag becomes repairable. Best effort: where flock is unsupported, nothing changes.
     """
-    if fcntl is None:
-        return
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        pass  # no locks on this filesystem (some network mounts); recording matters more
+    _try_lock(file)  # held by a repair, or no locks on this filesystem: recording matters more
 
 
 def _fsync_path(path: Path):

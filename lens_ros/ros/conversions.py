@@ -155,6 +155,10 @@ def quaternion_from_axes(x_axis, z_axis) -> np.ndarray:
     return _quaternion_from_matrix(np.column_stack((x, y, z)))
 
 
+class NonFiniteGraspError(ValueError):
+    """A grasp whose image-plane numbers are not finite float32s: nothing of it can be published."""
+
+
 def _require_grasp_fields(grasp) -> None:
     missing = [name for name in GRASP_CANDIDATE_FIELDS if not hasattr(grasp, name)]
     if missing:
@@ -171,11 +175,6 @@ def _image_plane_numbers(grasp) -> list[float]:
     return [float(v) for v in (center_u, center_v, grasp.angle_rad, grasp.width_px, grasp.length_px, grasp.quality)]
 
 
-def _publishable_in_2d(grasp) -> bool:
-    """Whether the grasp's image-plane numbers are finite float32s (GraspRegion's fields)."""
-    return all(_finite_float32(v) for v in _image_plane_numbers(grasp))
-
-
 def grasp_to_region(grasp) -> GraspRegion:
     """A GraspRegion from a ``GraspCandidate`` (or any object with its fields).
 
@@ -183,14 +182,16 @@ def grasp_to_region(grasp) -> GraspRegion:
     axis along the approach direction, as GraspRegion.msg specifies. A 3-D part that cannot be
     published (a non-finite position, a width_m that is not a finite float32, axes that give no
     rotation) is dropped: the region goes out 2-D, its reason says why, and a planner never
-    receives a NaN pose. Non-finite image-plane numbers leave nothing to publish: ValueError.
+    receives a NaN pose. Non-finite image-plane numbers leave nothing to publish: NonFiniteGraspError
+    (a ValueError).
     """
     _require_grasp_fields(grasp)
-    if not _publishable_in_2d(grasp):
-        raise ValueError(f"grasp has non-finite image-plane numbers: center_px={tuple(grasp.center_px)} "
+    numbers = _image_plane_numbers(grasp)
+    if not all(_finite_float32(v) for v in numbers):
+        raise NonFiniteGraspError(f"grasp has non-finite image-plane numbers: center_px={tuple(grasp.center_px)} "
                          f"angle_rad={grasp.angle_rad} width_px={grasp.width_px} length_px={grasp.length_px} "
                          f"quality={grasp.quality}")
-    center_u, center_v, angle, width_px, length_px, quality = _image_plane_numbers(grasp)
+    center_u, center_v, angle, width_px, length_px, quality = numbers
     region = GraspRegion(center_u=center_u, center_v=center_v, angle=angle, width_px=width_px, length_px=length_px,
                          quality=quality, has_3d=False, reason=str(grasp.reason or ""))
     if grasp.has_3d:
@@ -235,11 +236,13 @@ def result_to_segmentation(result: SegmentationResult, header: Header | None, re
     msg.mask = mask_to_image(mask, header)
     # A grasp whose image-plane numbers are not finite has nothing usable to publish: left out
     # (lens_ros.grasp never returns one; this keeps NaN off the wire whatever produced the result).
+    # (A wrong type is a bug: grasp_to_region's TypeError goes through.)
     regions = []
     for grasp in result.grasps:
-        _require_grasp_fields(grasp)  # a wrong type is a bug: TypeError, not a silent omission
-        if _publishable_in_2d(grasp):
+        try:
             regions.append(grasp_to_region(grasp))
+        except NonFiniteGraspError:
+            continue
     msg.grasps = regions
     # Driven by the dataclass, so a stage added to StageTimings without its message field
     # fails here (AttributeError on the message's slots) instead of being dropped silently.

@@ -34,8 +34,7 @@ from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
-from rclpy.qos import qos_policy_name_from_kind
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy, qos_policy_name_from_kind, qos_profile_sensor_data
 from rclpy.serialization import serialize_message
 from rclpy.signals import SignalHandlerOptions
 
@@ -210,8 +209,9 @@ class LensNode(LifecycleNode):
         sensor_events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_sensor_qos)
         self._entities = [
             self.create_subscription(*frames, self._sensors.add_frame, image_qos, event_callbacks=sensor_events),
-            self.create_subscription(Image, DEPTH_TOPIC, self._on_depth, image_qos, event_callbacks=sensor_events),
-            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._on_camera_info, image_qos,
+            self.create_subscription(Image, DEPTH_TOPIC, self._sensors.add_depth, image_qos,
+                                     event_callbacks=sensor_events),
+            self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._sensors.add_camera_info, image_qos,
                                      event_callbacks=sensor_events),
             self.create_subscription(String, COMMAND_TOPIC, self._on_command, requests),
             self.create_subscription(Feedback, FEEDBACK_TOPIC, self._on_feedback, requests),
@@ -240,12 +240,9 @@ class LensNode(LifecycleNode):
         start = time.monotonic()
         try:  # on the worker thread, where every later torch call runs too (see scheduler)
             self.pipeline = self._scheduler.run_on_worker(lambda: LensPipeline.from_config(options))
-        except ModelUnavailableError as exc:
-            self._note_error(f"{exc.reason}; {NODE_TINY_HINT}")
-            self.get_logger().error(self._last_error)
-            return TransitionCallbackReturn.FAILURE
-        except Exception as exc:  # a broken model must not take the node down
-            self._note_error(f"model {options.model!r} failed to load: {exc}")
+        except Exception as exc:  # an unavailable or broken model must not take the node down
+            self._note_error(f"{exc.reason}; {NODE_TINY_HINT}" if isinstance(exc, ModelUnavailableError)
+                             else f"model {options.model!r} failed to load: {exc}")
             self.get_logger().error(self._last_error)
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f"model loaded in {time.monotonic() - start:.1f} s")
@@ -325,12 +322,6 @@ class LensNode(LifecycleNode):
             self._recording = None
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _on_depth(self, msg: Image) -> None:
-        self._sensors.add_depth(msg)
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._sensors.add_camera_info(msg)
-
     def _on_incompatible_sensor_qos(self, event) -> None:
         """A camera whose QoS cannot match image_qos (typically: a best-effort driver and
         image_qos 'reliable') sends this node nothing; say so, and how to fix it."""

@@ -52,7 +52,6 @@ def throttled_progress(send: Callable[[str, str], None], period_s: float,
 class SchedulerStats:
     """What happened to the requests submitted so far (reported in /diagnostics)."""
 
-    received: int = 0
     superseded: int = 0  # answered with an error: a newer request took their place
     rejected: int = 0  # answered with an error: busy_policy 'reject'
     refused: int = 0  # answered with an error: the scheduler was stopped (node not active)
@@ -86,10 +85,6 @@ class RequestScheduler:
     def busy(self) -> bool:
         return self._running is not None
 
-    @property
-    def serving(self) -> bool:
-        return self._stop_reason is None
-
     def start(self) -> None:
         with self._cond:
             self._ensure_thread()
@@ -115,7 +110,6 @@ class RequestScheduler:
     def submit(self, request, busy_policy: str = QUEUE_LATEST) -> None:
         refusal = superseded = None
         with self._cond:
-            self.stats.received += 1
             if self._stop_reason is not None:
                 self.stats.refused += 1
                 refusal = self._stop_reason
