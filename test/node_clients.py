@@ -16,6 +16,16 @@ NODE_PARAMS = {"max_new_tokens": 8, "device": "cpu", "image_wait_s": 1.0, "max_i
                "diagnostics_period_s": 0.2}
 
 
+def camera_info_msg(stamp, fx: float, width: int = 160, height: int = 120):
+    """A CameraInfo for the test images: focal length ``fx`` (= fy), principal point at the centre."""
+    from sensor_msgs.msg import CameraInfo
+
+    info = CameraInfo(width=width, height=height)
+    info.header.stamp, info.header.frame_id = stamp, "camera_optical"
+    info.k = [fx, 0.0, (width - 1) / 2, 0.0, fx, (height - 1) / 2, 0.0, 0.0, 1.0]
+    return info
+
+
 class Harness:
     """One node process + one peer with publishers and recorders in the node's namespace."""
 

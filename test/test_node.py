@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fixtures_lens import part_under_box
-from node_clients import Harness
+from node_clients import Harness, camera_info_msg
 
 from lens_ros.ros.harness import NodeProcess, image_msg
 
@@ -265,15 +265,6 @@ def test_safe_parameters_change_live_and_the_others_are_refused(lens):
     assert lens.set_parameter("max_new_tokens", 8).successful
 
 
-def _camera_info(stamp, fx=2000.0, width=160, height=120):
-    from sensor_msgs.msg import CameraInfo
-
-    info = CameraInfo(width=width, height=height)
-    info.header.stamp, info.header.frame_id = stamp, "camera_optical"
-    info.k = [fx, 0.0, (width - 1) / 2, 0.0, fx, (height - 1) / 2, 0.0, 0.0, 1.0]
-    return info
-
-
 def test_grasps_are_published_in_2d_and_with_depth_in_3d(scripted_checkpoint):
     """A checkpoint scripted to answer with a box (the tiny model never finds anything by
     itself): the node publishes 2-D grasp regions without depth; with depth and camera_info of
@@ -300,7 +291,7 @@ def test_grasps_are_published_in_2d_and_with_depth_in_3d(scripted_checkpoint):
         stamp = harness.peer.now().to_msg()
         for _ in range(3):
             harness.depth_pub.publish(image_msg(depth, stamp, "32FC1"))
-            info_pub.publish(_camera_info(stamp))
+            info_pub.publish(camera_info_msg(stamp, fx=2000.0))
             time.sleep(0.05)
         harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
         spatial = harness.command("the cup")
@@ -348,7 +339,7 @@ def test_record_dir_records_episodes_with_their_feedback(scripted_checkpoint, tm
         stamp = harness.peer.now().to_msg()
         for _ in range(3):
             harness.depth_pub.publish(image_msg(np.full((120, 160), 600, np.uint16), stamp, "16UC1"))
-            info_pub.publish(_camera_info(stamp))
+            info_pub.publish(camera_info_msg(stamp, fx=2000.0))
             time.sleep(0.05)
         harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
         second = harness.command("the blue cup")

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from node_clients import DEEP_QOS, Harness
+from node_clients import DEEP_QOS, Harness, camera_info_msg
 
 from lens_ros.ros.harness import image_msg
 
@@ -30,15 +30,6 @@ from std_msgs.msg import String  # noqa: E402
 
 from lens_ros.action import Segment  # noqa: E402
 from lens_ros.msg import Feedback  # noqa: E402
-
-
-def _camera_info(stamp, fx=200.0, width=160, height=120):
-    from sensor_msgs.msg import CameraInfo
-
-    info = CameraInfo(width=width, height=height)
-    info.header.stamp, info.header.frame_id = stamp, "camera_optical"
-    info.k = [fx, 0.0, (width - 1) / 2, 0.0, fx, (height - 1) / 2, 0.0, 0.0, 1.0]
-    return info
 
 
 class SensorStream:
@@ -64,7 +55,7 @@ class SensorStream:
         while self.running:
             stamp = self.harness.peer.now().to_msg()
             self.harness.depth_pub.publish(image_msg(self.depth, stamp, "16UC1"))
-            self.info_pub.publish(_camera_info(stamp))
+            self.info_pub.publish(camera_info_msg(stamp, fx=200.0))
             self.depth_sent += 1
             if time.monotonic() >= next_frame:
                 self.harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
@@ -337,7 +328,7 @@ def _command_on_depth(harness, depth, fx):
     stamp = harness.peer.now().to_msg()
     for _ in range(3):
         harness.depth_pub.publish(image_msg(depth, stamp, "32FC1"))
-        info_pub.publish(_camera_info(stamp, fx=fx))
+        info_pub.publish(camera_info_msg(stamp, fx=fx))
         time.sleep(0.05)
     harness.send_image(stamp=rclpy.time.Time.from_msg(stamp))
     answer = harness.command("the cup")

@@ -82,11 +82,13 @@ def listen(topic: str) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
+    from lens_ros.ros.conversions import stamp_to_seconds
+
     context = Context()
     rclpy.init(context=context, signal_handler_options=rclpy.signals.SignalHandlerOptions.NO)
     node = rclpy.create_node("lens_transport_listener", context=context)
     frames: list[tuple[float, float]] = []
-    node.create_subscription(Image, topic, lambda m: frames.append((_seconds(m.header.stamp), time.time())),
+    node.create_subscription(Image, topic, lambda m: frames.append((stamp_to_seconds(m.header.stamp), time.time())),
                              qos_profile_sensor_data)
     executor = SingleThreadedExecutor(context=context)
     executor.add_node(node)
@@ -136,10 +138,6 @@ def longest_gap_s(times: list[float], start: float, end: float) -> float:
     return max(b - a for a, b in zip(points, points[1:]))
 
 
-def _seconds(stamp) -> float:
-    return stamp.sec + stamp.nanosec * 1e-9
-
-
 def _profile_env(profile: str | None, load: bool) -> None:
     """Name the profile in this process's environment (for what it starts next), or not."""
     os.environ.pop(PROFILE_ENV, None)
@@ -154,13 +152,15 @@ def _cpu_s(pid: int) -> float:
 
 def _node_arrivals(arrays: list, node_name: str) -> list[float]:
     """When the node's frames_received went up, by the stamps of its /diagnostics (every 0.1 s)."""
+    from lens_ros.ros.conversions import stamp_to_seconds
+
     times, last = [], 0
     for array in arrays:
         for status in array.status:
             if status.name.startswith(node_name + ":"):
                 count = int({kv.key: kv.value for kv in status.values}.get("frames_received", 0))
                 if count > last:
-                    times.append(_seconds(array.header.stamp))
+                    times.append(stamp_to_seconds(array.header.stamp))
                 last = max(last, count)
     return times
 
@@ -173,6 +173,7 @@ def run_one(cfg: Config, width: int, height: int, rate: float, seconds: float, m
     from std_msgs.msg import String
 
     from lens_ros.msg import Segmentation
+    from lens_ros.ros.conversions import stamp_to_seconds
     from lens_ros.ros.harness import NodeProcess, Peer, diagnostics_watch, image_msg
 
     deep = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE)
@@ -213,7 +214,7 @@ def run_one(cfg: Config, width: int, height: int, rate: float, seconds: float, m
             msg = messages[i % len(messages)]
             msg.header.stamp = peer.now().to_msg()
             image_pub.publish(msg)
-            last = _seconds(msg.header.stamp)
+            last = stamp_to_seconds(msg.header.stamp)
             first = first or last
             if i % every == every // 2:  # the first one 1 s in, then every 2 s
                 text = f"the cup {len(sent)}"
@@ -235,7 +236,7 @@ def run_one(cfg: Config, width: int, height: int, rate: float, seconds: float, m
         if answer.error:
             errors.append(answer.error)
         elif answer.command in sent:
-            ages.append(sent[answer.command] - _seconds(answer.header.stamp))
+            ages.append(sent[answer.command] - stamp_to_seconds(answer.header.stamp))
     log = node.output()
     return {"published": count, "node_received": received, "node_gap_s": longest_gap_s(arrivals, first, last),
             "listener_received": len(heard), "listener_gap_s": longest_gap_s([s for s, _ in heard], first, last),
