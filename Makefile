@@ -51,7 +51,7 @@ DEV_PACKAGES := ros-rclpy ros-std-msgs ros-sensor-msgs ros-geometry-msgs ros-dia
 NOT_IN_jazzy := ros-ament-cmake-ros-core
 ONLY_IN_jazzy := ros-ament-cmake-gmock ros-ament-cmake-gtest ros-ament-cmake-pytest ros-python-cmake-module
 DEV_PACKAGES := $(filter-out $(NOT_IN_$(ROS_DISTRO)),$(DEV_PACKAGES)) $(ONLY_IN_$(ROS_DISTRO))
-SETUP_EXTRAS := train bags test
+SETUP_EXTRAS := train bags test export onnxruntime
 SAM2 := sam2==1.1.0
 # ROS 2's command-line tools (ros2 launch/run/topic/action/param/lifecycle, launch_ros) and
 # vision_msgs are not on PyPI: wheels of them lie beside the repository on the development and CI

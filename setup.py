@@ -35,6 +35,11 @@ EXTRAS_REQUIRE = {
     "bags": ["rosbags", "mcap"],
     "test": ["pytest", "hypothesis", "pytest-timeout"],
     "sam2": ["sam2>=1.1.0"],  # see the module docstring for the dev/CPU way to install it
+    # Acceleration (lens_ros.accel): ONNX export of the fixed-shape stages, and onnxruntime to run
+    # them. A separate extra for onnxruntime because GPU machines install `onnxruntime-gpu` (the same
+    # `onnxruntime` module) instead, and pip would put the CPU package beside it.
+    "export": ["onnx>=1.16", "onnxscript>=0.2"],
+    "onnxruntime": ["onnxruntime>=1.18"],
 }
 
 setup(
@@ -45,7 +50,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lens_ros", "lens_ros.*"]),
-    package_data={"lens_ros": ["data/*"]},
+    package_data={"lens_ros": ["data/*", "data/configs/*"]},
     include_package_data=False,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
@@ -59,6 +64,7 @@ setup(
             "lens-train=lens_ros.training.cli:train_main",
             "lens-eval=lens_ros.training.evaluate:eval_main",
             "lens-episodes=lens_ros.episodes:main",
+            "lens-export=lens_ros.accel.cli:export_main",
         ],
     },
     zip_safe=False,

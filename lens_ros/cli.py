@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lens_ros.accel import BACKENDS
+
 EXIT_USAGE = 2
 
 
@@ -173,6 +175,11 @@ def segment_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="what runs SAM2's image encoder and the vision tower (default torch; see README, Acceleration)")
+    parser.add_argument("--export-dir", default="", help="the onnxruntime/tensorrt backends' graphs and engines (default ~/.cache/lens_ros/onnx)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compiled decode loop (static KV cache + torch.compile): same tokens, faster after the first")
     parser.add_argument("--offline", action="store_true", help="never download; use the local Hugging Face cache only")
     parser.add_argument("--out", default="lens_segment_out", help="output directory (default ./lens_segment_out)")
     add_grasp_arguments(parser)
@@ -193,7 +200,8 @@ def segment_main(argv: list[str] | None = None) -> int:
     options = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens is not None else {}
     try:
         config = PipelineConfig(model=args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
-                                allow_download=not args.offline, cot=args.cot, **options)
+                                allow_download=not args.offline, cot=args.cot, backend=args.backend,
+                                export_dir=args.export_dir, compile=args.compile, **options)
         pipeline = LensPipeline.from_config(config)
         grasp = None
         if not args.no_grasps:

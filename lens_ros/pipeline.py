@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -43,6 +44,7 @@ from lens_ros.images import (  # noqa: F401 (VLM_*: the resize parameters, defin
     control_tokens,
     to_rgb8,
 )
+from lens_ros.accel.overlap import BackgroundEncoder
 from lens_ros.model.checkpoint import DEFAULT_MODEL, load_lens_model
 from lens_ros.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD, SamImageEmbedding, sam_input_size, upsample_logits
 
@@ -74,9 +76,31 @@ class PipelineConfig:
     """Upper bound on generated tokens (LENS's demo uses 256)."""
     max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS
     """Longer commands are refused."""
+    backend: str = "torch"
+    """What runs SAM2's image encoder and the vision tower: ``torch`` (the reference),
+    ``onnxruntime`` (ONNX graphs exported on first use per image size) or ``tensorrt`` (engines
+    built from those graphs; CUDA only). See ``lens_ros.accel``."""
+    export_dir: str = ""
+    """Where the onnxruntime and tensorrt backends keep graphs and engines (default ~/.cache/lens_ros/onnx)."""
+    compile: bool = False
+    """Generate with the compiled decode loop: a static KV cache and torch.compile (CUDA graphs on a GPU;
+    ``lens_ros.accel.decode``). The same tokens as eager decoding; the first command compiles it."""
+    compile_backend: str = "auto"
+    """torch.compile backend of the decode loop: ``auto`` (torch_tensorrt where installed on a GPU, else
+    ``inductor``), ``inductor``, ``tensorrt`` (torch_tensorrt) or ``eager`` (no code generation: debugging)."""
+    overlap_sam_encoder: bool = True
+    """Run SAM2's image encoder beside the vision tower and generation (a worker thread; its own CUDA
+    stream on a GPU) instead of before them: it needs only the image. Results are identical."""
 
     def __post_init__(self) -> None:
+        from lens_ros.accel import BACKENDS
+        from lens_ros.accel.decode import COMPILE_BACKENDS
         from lens_ros.model.checkpoint import DTYPES
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.compile_backend not in COMPILE_BACKENDS:
+            raise ValueError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile_backend!r}")
 
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
@@ -152,10 +176,18 @@ class PreparedImage(ImageSizes):
     rgb: np.ndarray
     fingerprint: str
     vlm_image: Image.Image
-    sam_embedding: SamImageEmbedding
+    sam_embedding: SamImageEmbedding | None  # None while ``pending`` computes it
     preprocess_ms: float
     image_encoder_ms: float
     vision_features: object = None  # the vision tower output, computed with the first command
+    pending: Future | None = None  # the SAM2 embedding being computed beside generation (accel.overlap)
+
+    def embedding(self) -> SamImageEmbedding:
+        """The SAM2 embedding, waiting for it when it is still being computed."""
+        if self.pending is not None:
+            self.sam_embedding, self.image_encoder_ms = self.pending.result()
+            self.pending = None
+        return self.sam_embedding
 
 
 def vlm_resize_shape(height: int, width: int, max_pixels: int = VLM_MAX_PIXELS) -> tuple[int, int]:
@@ -208,10 +240,16 @@ class Cancelled(RuntimeError):
 class LensPipeline:
     """LENS inference on one model. Not thread-safe: call it from one worker thread."""
 
-    def __init__(self, model, processor, config: PipelineConfig | None = None) -> None:
+    def __init__(self, model, processor, config: PipelineConfig | None = None, stages=None) -> None:
+        from lens_ros.accel import make_stages
+
         self.model = model
         self.processor = processor
         self.config = config or PipelineConfig()
+        # The heavy stages, through the backend's interface (lens_ros.accel); torch is the reference.
+        self.stages = stages or make_stages(model, self.config.backend, cache_dir=self.config.export_dir or None,
+                                            source=getattr(model, "source", None) or self.config.model)
+        self._encoder = BackgroundEncoder() if self.config.overlap_sam_encoder else None
         self._prepared: PreparedImage | None = None
         self._pad_id = processor.tokenizer.pad_token_id
 
@@ -220,6 +258,12 @@ class LensPipeline:
         model, processor = load_lens_model(config.model, device=config.device, dtype=config.dtype,
                                            allow_download=config.allow_download)
         return cls(model, processor, config)
+
+    def close(self) -> None:
+        """Stop the background SAM2 encoder (after its encoding in flight) and drop the prepared image."""
+        if self._encoder is not None:
+            self._encoder.close()
+        self._prepared = None
 
     @property
     def device(self) -> torch.device:
@@ -240,8 +284,13 @@ class LensPipeline:
         vlm_image = Image.fromarray(rgb).resize((vlm_w, vlm_h), Image.BICUBIC)  # PIL's default, as in LENS
         pixels = sam_pixels(rgb, sam_input_size(self.model.sam)).to(self.device)
         prepared_ms = (time.perf_counter() - start) * 1000
+        if self._encoder is not None:  # beside what follows; awaited at the mask pass
+            self._prepared = PreparedImage(rgb=rgb, fingerprint=fingerprint, vlm_image=vlm_image, sam_embedding=None,
+                                           preprocess_ms=prepared_ms, image_encoder_ms=0.0,
+                                           pending=self._encoder.submit(self.stages, pixels))
+            return self._prepared
         start = time.perf_counter()
-        embedding = self.model.encode_sam_image(pixels)
+        embedding = self.stages.encode_sam_image(pixels)
         encoder_ms = (time.perf_counter() - start) * 1000
         self._prepared = PreparedImage(rgb=rgb, fingerprint=fingerprint, vlm_image=vlm_image,
                                        sam_embedding=embedding, preprocess_ms=prepared_ms,
@@ -272,9 +321,9 @@ class LensPipeline:
             raise InvalidInputError(f"depth is {np.shape(depth)[1]}x{np.shape(depth)[0]} but the image is "
                                     f"{prepared.size[1]}x{prepared.size[0]}; depth must be aligned to the image")
         timings = StageTimings()
-        if not isinstance(image, PreparedImage) and prepared is not cached:  # paid for by this request
+        paid = not isinstance(image, PreparedImage) and prepared is not cached  # the image is this request's
+        if paid:
             timings.preprocess_ms = prepared.preprocess_ms
-            timings.image_encoder_ms = prepared.image_encoder_ms
 
         # Pass 1: reasoning and box.
         report(STAGE_REASONING, "")
@@ -308,6 +357,10 @@ class LensPipeline:
                 start = time.perf_counter()
                 result.grasps = self._grasps(result, grasp, depth, intrinsics)
                 timings.grasp_ms = (time.perf_counter() - start) * 1000
+        pending = prepared.pending
+        if paid and (pending is None or (pending.done() and pending.exception() is None)):
+            prepared.embedding()  # a finished encoding: its time is known (beside generation, not part of total)
+            timings.image_encoder_ms = prepared.image_encoder_ms
         timings.total_ms = (time.perf_counter() - total_start) * 1000
         return result
 
@@ -385,7 +438,7 @@ class LensPipeline:
         """Run the vision tower unless this image already has its output; True when it ran."""
         if prepared.vision_features is not None:
             return False
-        prepared.vision_features = self.model.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        prepared.vision_features = self.stages.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
         return True
 
     def _generate(self, inputs, prepared: PreparedImage, on_text, cancel) -> torch.Tensor:
@@ -398,6 +451,11 @@ class LensPipeline:
 
         streamer = _ReasoningStream(self.processor.tokenizer, on_text) if on_text else None  # decoding costs
         kwargs = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        if self.config.compile:
+            from lens_ros.accel.decode import decode_options
+
+            kwargs.update(decode_options(self.config.compile_backend, self.device, inputs["input_ids"].shape[1],
+                                         self.config.max_new_tokens))
         sequence = self.model.vlm.generate(
             **kwargs, mm_encoder_outputs={"image": prepared.vision_features}, do_sample=False,
             max_new_tokens=self.config.max_new_tokens, streamer=streamer,
@@ -426,5 +484,11 @@ class LensPipeline:
         embeds, attention, positions = self.model.mask_pass_inputs(sequence, attention, prepared.vision_features)
         states = self.model.query_states(embeds, attention, positions)
         token = self.model.context_token(states)
-        low_res, iou = self.model.decode_mask(prepared.sam_embedding, token)
+        try:
+            embedding = prepared.embedding()
+        except Exception:
+            if self._prepared is prepared:  # a failed embedding is not kept for the next command
+                self._prepared = None
+            raise
+        low_res, iou = self.model.decode_mask(embedding, token)
         return upsample_logits(low_res, prepared.size), float(iou.reshape(-1)[0])

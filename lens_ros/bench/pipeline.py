@@ -2,10 +2,14 @@
 
     python -m lens_ros.bench.pipeline --model tiny --runs 10
     python -m lens_ros.bench.pipeline --model OuyBin/LENS --device cuda --dtype bfloat16
+    python -m lens_ros.bench.pipeline --model tiny --backend torch,onnxruntime --compile --force-tokens 25
 
 Two series: "new image" (each run on a different frame: everything is computed) and "same
 image" (commands repeated on one frame: SAM2 embedding and vision tower reused). Prints the
-median and the 10th-90th percentile spread per stage.
+median and the 10th-90th percentile spread per stage. With several backends (and --compile),
+one table puts the "new image" medians of every variant side by side. --force-tokens N makes
+every answer exactly N tokens (min = max new tokens), so that random weights cost what trained
+ones do (25 for a box-only answer, about 200 with chain of thought).
 """
 
 from __future__ import annotations
@@ -55,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", default=None, help="image file (default: the shipped demo photo at 640x480)")
     parser.add_argument("--command", default="the coffee cup")
     parser.add_argument("--allow-download", action="store_true")
+    parser.add_argument("--backend", default="torch", help="comma-separated: torch,onnxruntime,tensorrt")
+    parser.add_argument("--compile", action="store_true", help="also time each backend with the compiled decode loop")
+    parser.add_argument("--force-tokens", type=int, default=None, help="every answer exactly N tokens")
+    parser.add_argument("--export-dir", default="", help="where the onnxruntime/tensorrt graphs live")
     args = parser.parse_args(argv)
 
     import cv2
@@ -71,33 +79,56 @@ def main(argv: list[str] | None = None) -> int:
         photo = Path(__file__).resolve().parents[1] / "data" / "coffee.jpg"
         rgb = cv2.resize(cv2.imread(str(photo)), (640, 480), interpolation=cv2.INTER_AREA)[:, :, ::-1].copy()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    config = PipelineConfig(model=args.model, device=args.device, dtype=dtype,
-                            max_new_tokens=args.max_new_tokens, allow_download=args.allow_download)
-    pipeline = LensPipeline.from_config(config)
+    from lens_ros.model.checkpoint import load_lens_model
+
+    model, processor = load_lens_model(args.model, device=args.device, dtype=dtype, allow_download=args.allow_download)
+    max_new_tokens = args.force_tokens or args.max_new_tokens
+    if args.force_tokens:
+        model.vlm.generation_config.min_new_tokens = args.force_tokens
+    variants = [(backend, compiled) for backend in args.backend.split(",") for compiled in
+                ((False, True) if args.compile else (False,))]
     print(f"model {args.model} on {args.device} ({dtype}), image {rgb.shape[1]}x{rgb.shape[0]}, "
-          f"max_new_tokens {args.max_new_tokens}")
+          f"max_new_tokens {max_new_tokens}{' (forced)' if args.force_tokens else ''}")
 
     def frame(i: int) -> np.ndarray:  # a different image each run, same content statistics
         return np.ascontiguousarray(np.roll(rgb, shift=i + 1, axis=1))
 
-    for i in range(args.warmup):
-        pipeline.segment(frame(-i - 10), args.command)
-    new_image = [pipeline.segment(frame(i), args.command).timings for i in range(args.runs)]
-    same_image = [pipeline.segment(rgb, args.command).timings for _ in range(args.runs + 1)][1:]
-    # A random tiny model rarely writes a box, so time the mask pass on a given answer as well.
-    import time
+    medians = {}
+    for backend, compiled in variants:
+        name = backend + (" + compiled decode" if compiled else "")
+        config = PipelineConfig(model=args.model, device=args.device, dtype=dtype, max_new_tokens=max_new_tokens,
+                                backend=backend, export_dir=args.export_dir, compile=compiled)
+        pipeline = LensPipeline(model, processor, config)
+        for i in range(args.warmup):  # exports graphs / compiles here, not in the timed runs
+            pipeline.segment(frame(-i - 10), args.command)
+        new_image = [pipeline.segment(frame(i), args.command).timings for i in range(args.runs)]
+        same_image = [pipeline.segment(rgb, args.command).timings for _ in range(args.runs + 1)][1:]
+        # A random tiny model rarely writes a box, so time the mask pass on a given answer as well.
+        import time
 
-    mask_pass = []
-    for i in range(args.runs):
-        prepared = pipeline.prepare_image(frame(i))
-        start = time.perf_counter()
-        pipeline.answer_mask_logits(prepared, args.command, "[64, 48, 320, 240]")
-        mask_pass.append(StageTimings(mask_ms=(time.perf_counter() - start) * 1000))
-    _report("new image each run", new_image)
-    _report("same image (embeddings reused)", same_image)
-    median = statistics.median(t.mask_ms for t in mask_pass)
-    print(f"\nmask pass on a given answer (prompt + answer + queries -> SAM2 -> H x W): median {median:.1f} ms, "
-          f"p10 {_percentile([t.mask_ms for t in mask_pass], 10):.1f}, p90 {_percentile([t.mask_ms for t in mask_pass], 90):.1f}")
+        mask_pass = []
+        for i in range(args.runs):
+            prepared = pipeline.prepare_image(frame(i))
+            start = time.perf_counter()
+            pipeline.answer_mask_logits(prepared, args.command, "[64, 48, 320, 240]")
+            mask_pass.append(StageTimings(mask_ms=(time.perf_counter() - start) * 1000))
+        print(f"\n=== {name} (stages: {pipeline.stages.describe()})")
+        _report("new image each run", new_image)
+        _report("same image (embeddings reused)", same_image)
+        median = statistics.median(t.mask_ms for t in mask_pass)
+        print(f"\nmask pass on a given answer (prompt + answer + queries -> SAM2 -> H x W): median {median:.1f} ms, "
+              f"p10 {_percentile([t.mask_ms for t in mask_pass], 10):.1f}, "
+              f"p90 {_percentile([t.mask_ms for t in mask_pass], 90):.1f}")
+        medians[name] = {f.name: statistics.median(getattr(t, f.name) for t in new_image) for f in fields(StageTimings)}
+        medians[name]["mask pass (given answer)"] = median
+        pipeline.close()
+    if len(medians) > 1:
+        print("\nmedian ms per stage, new image each run")
+        names = list(medians)
+        width = max(map(len, names)) + 3
+        print(f"  {'stage':<26}" + "".join(f"{n:>{width}}" for n in names))
+        for stage in medians[names[0]]:
+            print(f"  {stage:<26}" + "".join(f"{medians[n][stage]:>{width}.1f}" for n in names))
     print(f"\n{_peak_memory(args.device)}")
     return 0
 

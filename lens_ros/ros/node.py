@@ -236,7 +236,7 @@ class LensNode(LifecycleNode):
         from lens_ros.pipeline import LensPipeline
 
         options = self.config.pipeline_config()
-        self.get_logger().info(f"loading {options.model} on {options.device} ({options.dtype})")
+        self.get_logger().info(f"loading {options.model} on {options.device} ({options.dtype}, backend {options.backend})")
         start = time.monotonic()
         try:  # on the worker thread, where every later torch call runs too (see scheduler)
             self.pipeline = self._scheduler.run_on_worker(lambda: LensPipeline.from_config(options))
@@ -291,6 +291,7 @@ class LensNode(LifecycleNode):
         if self.pipeline is None:
             return
         device = str(self.pipeline.device)
+        self.pipeline.close()  # its background SAM2 encoder thread, with any encoding in flight
         self.pipeline = None
         gc.collect()
         if device.startswith("cuda"):
@@ -541,6 +542,8 @@ class LensNode(LifecycleNode):
                                  else "")
         values = {
             "model": cfg.model, "device": str(self.pipeline.device) if self.pipeline else cfg.device,
+            "backend": (", ".join(f"{stage}={name}" for stage, name in self.pipeline.stages.describe().items())
+                        if self.pipeline else cfg.backend),
             "state": self._state, "model_loaded": self.pipeline is not None, "busy": self._scheduler.busy,
             "frames_received": self._sensors.frames_received, "frames_dropped": self._sensors.frames_dropped,
             "depth_received": self._sensors.depth_received,

@@ -12,6 +12,8 @@ import math
 import re
 from dataclasses import dataclass, fields
 
+from lens_ros.accel import BACKENDS
+from lens_ros.accel.decode import COMPILE_BACKENDS
 from lens_ros.grasp import APPROACHES, GraspConfig
 from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
 from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
@@ -34,6 +36,21 @@ class NodeConfig:
     """Torch device: 'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
     """'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16' or 'float16'."""
+    backend: str = "torch"
+    """What runs SAM2's image encoder and the vision tower: 'torch', 'onnxruntime' (ONNX graphs, exported on the first
+    frame of each image size or beforehand with lens-export) or 'tensorrt' (engines built from those graphs, CUDA
+    only); see the README's Acceleration section."""
+    export_dir: str = ""
+    """Where the onnxruntime and tensorrt backends keep graphs and engines ('' = ~/.cache/lens_ros/onnx; lens-export
+    --out)."""
+    compile: bool = False
+    """Generate with the compiled decode loop (static KV cache + torch.compile; CUDA graphs on a GPU): the same
+    tokens as eager decoding, less overhead per token; the first command compiles it (tens of seconds)."""
+    compile_backend: str = "auto"
+    """torch.compile backend of the decode loop: 'auto' (torch_tensorrt on a GPU where installed, else 'inductor'),
+    'inductor', 'tensorrt' or 'eager'."""
+    overlap_sam_encoder: bool = True
+    """Run SAM2's image encoder beside the vision tower and generation (its own CUDA stream) instead of before them."""
     cot: bool = False
     """Chain-of-thought prompt (for OuyBin/LENS_ReasonSeg_CoT)."""
     max_new_tokens: int = 256
@@ -136,6 +153,8 @@ class NodeConfig:
         _one_of("busy_policy", self.busy_policy, BUSY_POLICIES)
         _one_of("frame_policy", self.frame_policy, FRAME_POLICIES)
         _one_of("dtype", self.dtype, ("auto", *DTYPES))
+        _one_of("backend", self.backend, BACKENDS)
+        _one_of("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.model.strip():
@@ -173,7 +192,9 @@ class NodeConfig:
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
         return PipelineConfig(model=self.model, device=device, dtype=dtype, allow_download=self.allow_download,
                               cot=self.cot, max_new_tokens=self.max_new_tokens,
-                              max_command_chars=self.max_command_chars)
+                              max_command_chars=self.max_command_chars, backend=self.backend,
+                              export_dir=self.export_dir, compile=self.compile, compile_backend=self.compile_backend,
+                              overlap_sam_encoder=self.overlap_sam_encoder)
 
 
 def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> None:

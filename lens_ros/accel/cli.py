@@ -1,0 +1,140 @@
+"""``lens-export``: the ONNX graphs of a model's fixed-shape stages for one camera resolution.
+
+    lens-export --model OuyBin/LENS --image-size 640x480 --out engines/ [--dtype float32] [--device cpu]
+
+writes, under ``--out``, one directory per graph (named by what it depends on: the onnxruntime
+backend's cache layout, so ``backend:=onnxruntime export_dir:=<out>`` uses them as they are) and
+``manifest.json`` (model, weights hashes, image size, shapes, opset, dtype, library versions).
+Each graph is run once by onnxruntime against the torch stage it replaces, and the largest
+difference is printed; in float32 a difference over 1e-4 x max(1, |reference|) fails the export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+TOLERANCE = 1e-4  # relative to max(1, |reference|), float32
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--image-size must be WIDTHxHEIGHT (e.g. 640x480), got {text!r}") from None
+    if width < 28 or height < 28:
+        raise ValueError(f"--image-size must be at least 28x28, got {text!r}")
+    return width, height
+
+
+def _difference(reference, candidate) -> tuple[float, float]:
+    worst, scale = 0.0, 1.0
+    for ref, got in zip(reference, candidate):
+        worst = max(worst, float((ref.float() - got.float()).abs().max()))
+        scale = max(scale, float(ref.float().abs().max()))
+    return worst, scale
+
+
+def load_for_export(source: str, device: str, dtype: str, allow_download: bool):
+    """(model, processor) of a checkpoint source, or of ``real-size`` (Qwen2.5-VL-3B's vision tower
+    and SAM2 Hiera-L with random weights: lens_ros.model.real_size)."""
+    from lens_ros.model.checkpoint import DTYPES, load_lens_model
+    from lens_ros.model.real_size import REAL_SIZE, build_real_size_model
+
+    if source != REAL_SIZE:
+        return load_lens_model(source, device=device, dtype=dtype, allow_download=allow_download)
+    model, processor = build_real_size_model(dtype=DTYPES[dtype])
+    for module in (model.sam, model.vlm.model.visual):  # the language model stays on the meta device
+        module.to(device)
+    model.learnable_query.data = model.learnable_query.data.to(device)
+    return model, processor
+
+
+def export_model(model_source: str, image_size: tuple[int, int], out: Path, device: str = "cpu",
+                 dtype: str = "float32", allow_download: bool = False) -> dict:
+    """Export (or find in ``out``) both graphs for ``image_size`` and check them against torch."""
+    import numpy as np
+    import torch
+
+    from lens_ros.accel import export
+    from lens_ros.accel.onnxruntime_backend import OnnxRuntimeStages
+    from lens_ros.accel.stages import Stages
+    from lens_ros.model.sam import sam_input_size
+    from lens_ros.pipeline import LensPipeline, PipelineConfig, sam_pixels
+
+    model, processor = load_for_export(model_source, device, dtype, allow_download)
+    backend = OnnxRuntimeStages(model, cache_dir=out, source=model_source)
+    pipeline = LensPipeline(model, processor, PipelineConfig(model=model_source, device=device, dtype=dtype),
+                            stages=backend)
+    reference = Stages(model)
+    width, height = image_size
+    rgb = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
+    checks = {}
+    with torch.inference_mode():
+        start = time.perf_counter()
+        prepared = pipeline.prepare_image(rgb)  # exports the SAM2 image encoder graph on first use
+        # The vision tower's input as the processor makes it for a prompt with this image.
+        vision = processor.image_processor(images=[prepared.vlm_image], return_tensors="pt")
+        pixel_values, grid = vision["pixel_values"].to(pipeline.device), vision["image_grid_thw"].to(pipeline.device)
+        features = backend.image_features(pixel_values, grid).pooler_output  # and the vision tower's
+        export_s = time.perf_counter() - start
+        pixels = sam_pixels(rgb, sam_input_size(model.sam)).to(pipeline.device)
+        sam_ref = reference.encode_sam_image(pixels)
+        got = prepared.embedding()
+        checks[export.SAM_IMAGE_ENCODER] = _difference([sam_ref.image_embed, *sam_ref.high_res_feats],
+                                                       [got.image_embed, *got.high_res_feats])
+        checks[export.VISION_TOWER] = _difference(reference.image_features(pixel_values, grid).pooler_output,
+                                                  features)
+    graphs = {stage: {"directory": directory, **json.loads((out / directory / f"{stage}.json").read_text())}
+              for stage, directory in sorted(backend.used.items())}
+    manifest = {"format": export.MANIFEST_FORMAT, "model": model_source, "image_size": [width, height],
+                "device": device, "dtype": dtype, "opset": export.OPSET, "versions": export.library_versions(),
+                "weights_sha256": {stage: backend.weights(stage) for stage in graphs},
+                "graphs": graphs, "export_s": round(export_s, 1),
+                "max_abs_difference": {stage: {"value": d, "reference_max": s} for stage, (d, s) in checks.items()}}
+    (out / export.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lens-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face id, checkpoint directory, 'tiny', or 'real-size' "
+                        "(Qwen2.5-VL-3B's vision tower and SAM2 Hiera-L, random weights)")
+    parser.add_argument("--image-size", required=True, help="the camera's WIDTHxHEIGHT, e.g. 640x480")
+    parser.add_argument("--out", required=True, help="output directory (the node's export_dir)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the check runs (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    parser.add_argument("--allow-download", action="store_true", help="fetch the model when it is not cached")
+    args = parser.parse_args(argv)
+    try:
+        image_size = parse_image_size(args.image_size)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = export_model(args.model, image_size, out, device=args.device, dtype=args.dtype,
+                                allow_download=args.allow_download)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    failed = False
+    for stage, graph in manifest["graphs"].items():
+        check = manifest["max_abs_difference"][stage]
+        bad = args.dtype == "float32" and check["value"] > TOLERANCE * check["reference_max"]
+        failed |= bad
+        shapes = ", ".join(f"{name} {spec['shape']}" for name, spec in graph["inputs"].items())
+        print(f"{stage}: {graph['directory']}/{graph['file']} ({shapes}); onnxruntime vs torch max abs difference "
+              f"{check['value']:.2e} (reference max {check['reference_max']:.3g}){' OVER TOLERANCE' if bad else ''}")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(export_main())
