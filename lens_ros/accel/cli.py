@@ -89,6 +89,7 @@ def export_model(model_source: str, image_size: tuple[int, int], out: Path, devi
                                                        [got.image_embed, *got.high_res_feats])
         checks[export.VISION_TOWER] = _difference(reference.image_features(pixel_values, grid).pooler_output,
                                                   features)
+    pipeline.close()
     graphs = {stage: {"directory": directory, **json.loads((out / directory / f"{stage}.json").read_text())}
               for stage, directory in sorted(backend.used.items())}
     manifest = {"format": export.MANIFEST_FORMAT, "model": model_source, "image_size": [width, height],

@@ -173,12 +173,8 @@ def export_stage(stage: str, module: nn.Module, example: tuple[torch.Tensor, ...
     return spec
 
 
-def sam_image_encoder_example(model) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    from lens_ros.model.sam import sam_input_size
-
-    size = sam_input_size(model.sam)
-    pixels = torch.zeros(1, 3, size, size, dtype=model.sam.no_mem_embed.dtype, device=model.learnable_query.device)
-    return SamImageEncoderGraph(model.sam).eval(), (pixels,)
+def sam_image_encoder_example(model, pixels: torch.Tensor) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    return SamImageEncoderGraph(model.sam).eval(), (pixels.to(model.sam.no_mem_embed.dtype),)
 
 
 def vision_tower_example(model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor):
@@ -186,15 +182,6 @@ def vision_tower_example(model, pixel_values: torch.Tensor, image_grid_thw: torc
     if image_grid_thw.shape[0] != 1:
         raise ValueError("the vision tower graph is exported for one image")
     return VisionTowerGraph(visual, image_grid_thw).eval(), (pixel_values.to(visual.dtype),)
-
-
-def write_manifest(out_dir: Path, model_source: str, image_size: tuple[int, int], dtype: str,
-                   graphs: dict[str, GraphSpec], weights: dict[str, str]) -> dict:
-    manifest = {"format": MANIFEST_FORMAT, "model": model_source, "image_size": list(image_size), "dtype": dtype,
-                "opset": OPSET, "versions": library_versions(), "weights_sha256": weights,
-                "graphs": {name: asdict(spec) for name, spec in graphs.items()}}
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
 
 
 def atomic_directory(target: Path):

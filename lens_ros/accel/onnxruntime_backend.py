@@ -140,8 +140,7 @@ class OnnxRuntimeStages(Stages):
         return Graph(directory / spec["file"], spec, self.device, self.providers)
 
     def encode_sam_image(self, pixels: torch.Tensor) -> SamImageEmbedding:
-        module, example = export.sam_image_encoder_example(self.model)
-        graph = self.graph(export.SAM_IMAGE_ENCODER, (module, (pixels.to(example[0].dtype),)), ["pixels"],
+        graph = self.graph(export.SAM_IMAGE_ENCODER, export.sam_image_encoder_example(self.model, pixels), ["pixels"],
                            list(export.SAM_OUTPUTS))
         image_embed, *high_res = graph(pixels=pixels)
         return SamImageEmbedding(image_embed=image_embed, high_res_feats=high_res)
@@ -154,6 +153,3 @@ class OnnxRuntimeStages(Stages):
                            constants={"image_grid_thw": image_grid_thw[0].tolist()})
         (features,) = graph(pixel_values=pixel_values)
         return features_output(features)
-
-    def describe(self) -> dict[str, str]:
-        return {"sam_image_encoder": self.name, "vision_tower": self.name}
