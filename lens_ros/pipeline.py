@@ -481,14 +481,12 @@ class LensPipeline:
         """Pass 2 on prompt + answer ids: mask logits at the source size (1, 1, H, W) and SAM2's
         predicted IoU. Padding tokens (LENS: ids equal to the pad id) get attention 0."""
         attention = (sequence != self._pad_id).long()
-        embeds, attention, positions = self.model.mask_pass_inputs(sequence, attention, prepared.vision_features)
-        states = self.model.query_states(embeds, attention, positions)
-        token = self.model.context_token(states)
+        token = self.stages.mask_pass(sequence, attention, prepared.vision_features)  # while SAM2 may still encode
         try:
             embedding = prepared.embedding()
         except Exception:
             if self._prepared is prepared:  # a failed embedding is not kept for the next command
                 self._prepared = None
             raise
-        low_res, iou = self.model.decode_mask(embedding, token)
+        low_res, iou = self.stages.decode_mask(embedding, token)
         return upsample_logits(low_res, prepared.size), float(iou.reshape(-1)[0])

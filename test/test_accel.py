@@ -79,7 +79,8 @@ def test_each_onnxruntime_stage_matches_torch(lively_model, export_cache, photo_
     assert_close(sam_ref, sam_got)
     assert_close(vision_ref, vision_got)
     assert set(backend.used) == {export.SAM_IMAGE_ENCODER, export.VISION_TOWER}
-    assert backend.describe() == {"sam_image_encoder": "onnxruntime", "vision_tower": "onnxruntime"}
+    assert backend.describe() == {"sam_image_encoder": "onnxruntime", "vision_tower": "onnxruntime", "mask_pass": "torch",
+                                 "decode_mask": "torch"}
 
 
 def test_onnxruntime_pipeline_answers_as_torch_does(scripted_checkpoint, tmp_path):
@@ -228,7 +229,8 @@ def test_the_node_runs_the_onnxruntime_backend(tiny_checkpoint, tmp_path):
     harness = Harness(tiny_checkpoint, "/cam_ort", backend="onnxruntime", export_dir=str(tmp_path / "onnx"))
     try:
         harness.wait_state("active")
-        assert harness.state()["backend"] == "sam_image_encoder=onnxruntime, vision_tower=onnxruntime"
+        assert harness.state()["backend"] == ("sam_image_encoder=onnxruntime, vision_tower=onnxruntime, "
+                                                "mask_pass=torch, decode_mask=torch")
         harness.fresh_frame()
         answer = harness.command("the cup", timeout=300)  # the first frame of a size exports its graphs
         assert answer.error == "", answer.error

@@ -8,6 +8,10 @@ against it. A backend subclasses it and overrides the stages it accelerates; the
 Stages (LENS_REFERENCE.md §2):
   ``encode_sam_image``  SAM2's image encoder (pixels -> ``SamImageEmbedding``)
   ``image_features``    Qwen2.5-VL's vision tower (pixel patches -> merged image features)
+  ``mask_pass``         pass 2: the LLM over prompt + answer + queries with the explicit 1-D positions,
+                        then the context head (-> one SAM2 prompt token)
+  ``decode_mask``       SAM2's prompt encoder and mask decoder (-> 256 x 256 mask logits and IoU)
+The decode loop (pass 1) is transformers' ``generate``; ``lens_ros.accel.decode`` compiles it.
 """
 
 from __future__ import annotations
@@ -34,9 +38,18 @@ class Stages:
         """The vision tower's output; only ``pooler_output`` (one tensor per image) is used downstream."""
         return self.model.image_features(pixel_values, image_grid_thw)
 
+    def mask_pass(self, sequence: torch.Tensor, attention: torch.Tensor, image_features) -> torch.Tensor:
+        """The SAM2 prompt token (B, 1, C) of prompt + answer ids (attention 0 on padding)."""
+        embeds, attention, positions = self.model.mask_pass_inputs(sequence, attention, image_features)
+        return self.model.context_token(self.model.query_states(embeds, attention, positions))
+
+    def decode_mask(self, embedding: SamImageEmbedding, token: torch.Tensor):
+        """Low-resolution mask logits (1, 1, 256, 256) and SAM2's predicted IoU."""
+        return self.model.decode_mask(embedding, token)
+
     def describe(self) -> dict[str, str]:
-        """Which backend runs each stage (for logs and diagnostics)."""
-        return {"sam_image_encoder": self.name, "vision_tower": self.name}
+        """Which backend runs each stage (for logs and diagnostics); only the two vision stages have others yet."""
+        return {"sam_image_encoder": self.name, "vision_tower": self.name, "mask_pass": "torch", "decode_mask": "torch"}
 
 
 def features_output(features: torch.Tensor) -> BaseModelOutputWithPooling:
