@@ -378,6 +378,21 @@ def test_tensorrt_needs_a_cuda_device(tiny_model, monkeypatch):
         make_stages(tiny_model[0], "tensorrt")
 
 
+def test_lens_export_engines_refuses_at_once_without_tensorrt_or_a_gpu(tmp_path, monkeypatch, capsys):
+    import types
+
+    from lens_ros.accel.cli import export_main
+
+    args = ["--model", "tiny", "--image-size", "160x120", "--out", str(tmp_path / "out"), "--engines"]
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    assert export_main(args) == 2
+    assert "needs TensorRT's Python package" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    assert export_main(args) == 2  # --device cpu
+    assert "needs a CUDA device, the model is on cpu" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before exporting anything
+
+
 def test_an_engine_is_rebuilt_when_anything_it_depends_on_changes(tmp_path):
     from lens_ros.accel.tensorrt_backend import engine_key
 

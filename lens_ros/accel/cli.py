@@ -1,12 +1,14 @@
 """``lens-export``: the ONNX graphs of a model's fixed-shape stages for one camera resolution.
 
-    lens-export --model OuyBin/LENS --image-size 640x480 --out engines/ [--dtype float32] [--device cpu]
+    lens-export --model OuyBin/LENS --image-size 640x480 --out engines/ [--dtype float32] [--device cpu] [--engines]
 
 writes, under ``--out``, one directory per graph (named by what it depends on: the onnxruntime
 backend's cache layout, so ``backend:=onnxruntime export_dir:=<out>`` uses them as they are) and
 ``manifest.json`` (model, weights hashes, image size, shapes, opset, dtype, library versions).
 Each graph is run once by onnxruntime against the torch stage it replaces, and the largest
 difference is printed; in float32 a difference over 1e-4 x max(1, |reference|) fails the export.
+``--engines`` then builds the TensorRT engines of those graphs (``engines/`` under ``--out``, the
+tensorrt backend's cache), so that a robot's first activation does not build them.
 """
 
 from __future__ import annotations
@@ -111,10 +113,19 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N: where the check runs (default cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     parser.add_argument("--allow-download", action="store_true", help="fetch the model when it is not cached")
+    parser.add_argument("--engines", action="store_true",
+                        help="also build the TensorRT engines (needs TensorRT and --device cuda)")
     args = parser.parse_args(argv)
     try:
         image_size = parse_image_size(args.image_size)
-    except ValueError as exc:
+        if args.engines:  # before a long export: TensorRT and a GPU must be there
+            import torch
+
+            from lens_ros.accel.tensorrt_backend import import_tensorrt, require_cuda
+
+            import_tensorrt()
+            require_cuda(torch.device(args.device))
+    except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     out = Path(args.out)
@@ -134,6 +145,13 @@ def export_main(argv: list[str] | None = None) -> int:
         print(f"{stage}: {graph['directory']}/{graph['file']} ({shapes}); onnxruntime vs torch max abs difference "
               f"{check['value']:.2e} (reference max {check['reference_max']:.3g}){' OVER TOLERANCE' if bad else ''}")
     print(f"manifest: {out / 'manifest.json'}")
+    if args.engines and not failed:
+        import torch
+
+        from lens_ros.accel.tensorrt_backend import build_engines
+
+        for engine in build_engines(out, manifest, torch.device(args.device)):
+            print(f"engine: {engine}")
     return 1 if failed else 0
 
 

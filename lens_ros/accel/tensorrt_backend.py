@@ -164,21 +164,39 @@ class TensorRTStages(OnnxRuntimeStages):
 
     def __init__(self, model, cache_dir=None, source: str = "", precision: str | None = None) -> None:
         self.trt = import_tensorrt()
-        device = model.learnable_query.device
-        if device.type != "cuda":
-            raise RuntimeError(f"the tensorrt backend needs a CUDA device, the model is on {device}; "
-                               "backend 'onnxruntime' or 'torch' runs on the CPU")
+        require_cuda(model.learnable_query.device)
         # Export needs onnx, not onnxruntime: no providers are asked for.
         super().__init__(model, cache_dir=cache_dir, source=source, providers=["unused"])
         self.precision = precision or str(model.learnable_query.dtype).removeprefix("torch.")
 
     def make_graph(self, directory: Path, spec: dict):
-        onnx_path = directory / spec["file"]
-        key = engine_key(onnx_path, spec, self.precision, gpu_identity(self.device), self.trt.__version__)
-        engine = self.cache_dir / "engines" / f"{onnx_path.stem}-{key.name()}.engine"
-        if not engine.is_file():
-            log.warning("tensorrt backend: building the %s engine (%s); minutes on a Jetson, once per %s",
-                        onnx_path.stem, self.precision, engine.name)
-            build_engine(onnx_path, engine, self.precision, self.cache_dir / "engines" / "timing.cache")
-            engine.with_suffix(".json").write_text(json.dumps(asdict(key), indent=2) + "\n")
+        engine = engine_for(directory / spec["file"], spec, self.cache_dir, self.precision, self.device,
+                            self.trt.__version__)
         return TensorRTGraph(engine, spec, self.device)
+
+
+def require_cuda(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise RuntimeError(f"the tensorrt backend needs a CUDA device, the model is on {device}; "
+                           "backend 'onnxruntime' or 'torch' runs on the CPU")
+
+
+def engine_for(onnx_path: Path, spec: dict, cache_dir: Path, precision: str, device: torch.device,
+               tensorrt_version: str) -> Path:
+    """The engine file for an exported graph under ``cache_dir/engines``, built first when missing."""
+    key = engine_key(onnx_path, spec, precision, gpu_identity(device), tensorrt_version)
+    engine = cache_dir / "engines" / f"{onnx_path.stem}-{key.name()}.engine"
+    if not engine.is_file():
+        log.warning("tensorrt backend: building the %s engine (%s); minutes on a Jetson, once per %s",
+                    onnx_path.stem, precision, engine.name)
+        build_engine(onnx_path, engine, precision, cache_dir / "engines" / "timing.cache")
+        engine.with_suffix(".json").write_text(json.dumps(asdict(key), indent=2) + "\n")
+    return engine
+
+
+def build_engines(out: Path, manifest: dict, device: torch.device) -> list[Path]:
+    """``lens-export --engines``: an engine for every graph of a manifest, at the manifest's dtype."""
+    trt = import_tensorrt()
+    require_cuda(device)
+    return [engine_for(out / graph["directory"] / graph["file"], graph, out, manifest["dtype"], device, trt.__version__)
+            for graph in manifest["graphs"].values()]
