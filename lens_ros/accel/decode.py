@@ -12,6 +12,7 @@ commands recompile rarely.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -25,15 +26,15 @@ def resolve_compile_backend(backend: str, device: torch.device) -> str:
     """``auto``: torch_tensorrt's ``tensorrt`` backend on a GPU where it is installed, else inductor."""
     if backend not in COMPILE_BACKENDS:
         raise ValueError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
-    has_torch_tensorrt = _has_torch_tensorrt()
     if backend == "auto":
-        return "tensorrt" if device.type == "cuda" and has_torch_tensorrt else "inductor"
-    if backend == "tensorrt" and not has_torch_tensorrt:
+        return "tensorrt" if device.type == "cuda" and _has_torch_tensorrt() else "inductor"
+    if backend == "tensorrt" and not _has_torch_tensorrt():
         raise RuntimeError("compile_backend 'tensorrt' needs torch_tensorrt (pip install torch-tensorrt, matching "
                            "the installed torch); 'inductor' needs nothing more")
     return backend
 
 
+@functools.cache  # asked on every compiled command: a failed import is not cached by Python
 def _has_torch_tensorrt() -> bool:
     try:
         import torch_tensorrt  # noqa: F401  (registers the "tensorrt" torch.compile backend)

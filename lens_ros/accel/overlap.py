@@ -23,7 +23,6 @@ class BackgroundEncoder:
         self._pool: ThreadPoolExecutor | None = None
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._lock = threading.Lock()
-        self.last_interval: tuple[float, float] = (0.0, 0.0)  # perf_counter start/end of the last encoding
 
     def submit(self, stages, pixels: torch.Tensor) -> Future:
         """Future of (SamImageEmbedding, milliseconds)."""
@@ -51,7 +50,6 @@ class BackgroundEncoder:
                     done.record(stream)
                 done.synchronize()  # the timing below is the encoder's, and the consumer's wait is then free
         end = time.perf_counter()
-        self.last_interval = (start, end)
         if done is not None:  # the tensors were made on our stream and are used on the consumer's
             consumer = torch.cuda.current_stream(pixels.device)
             for tensor in (embedding.image_embed, *embedding.high_res_feats):

@@ -8,8 +8,8 @@ and no second runtime sits between the pipeline and the GPU.
 Engines are not portable: one built by another TensorRT version, on another GPU or compute
 capability, from another graph, for other shapes or at another precision is rebuilt
 (``EngineKey``). The first build per graph takes minutes on a Jetson; ``lens-export --engines``
-does it ahead of time, and the node logs and reports it in /diagnostics when it happens on
-activation. NOT RUN where this package is developed: TensorRT cannot be installed there; the
+does it ahead of time, otherwise the first frame of a size builds it, with a warning in the log.
+NOT RUN where this package is developed: TensorRT cannot be installed there; the
 key, the profile shapes and the missing-package error are tested, the build and execution are
 standard TensorRT 10 calls.
 """
