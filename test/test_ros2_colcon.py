@@ -184,6 +184,16 @@ def test_the_readme_robot_install_layers_a_venv_over_the_system_ros(tmp_path):
     lines = _readme_robot_install()
     missing = [line for line in _SUBSTITUTES if line not in lines]
     assert not missing, f"the README's robot install no longer has these lines (update _SUBSTITUTES): {missing}"
+    try:
+        _install_by_the_readme_and_launch(lines, tmp_path)
+    finally:
+        # About 6 GB (a third ML venv and the stand-in ROS), freed now even when the test fails (its
+        # logs stay), so that a CI machine's disk still holds the Jazzy venv built after this run.
+        for heavy in (tmp_path / "home" / "lens_venv", tmp_path / "home" / ".cache", tmp_path / "opt"):
+            shutil.rmtree(heavy, ignore_errors=True)
+
+
+def _install_by_the_readme_and_launch(lines: list[str], tmp_path: Path) -> None:
     prefix = _system_ros_stand_in(tmp_path)
     home = tmp_path / "home"
     _copy_repository(home / "lens_ws" / "src" / "lens_ros")
