@@ -176,7 +176,10 @@ def segment_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bfloat16 on cuda, else float32)")
     parser.add_argument("--max-new-tokens", type=int, default=None, help="generation limit (default 256)")
     parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="what runs SAM2's image encoder and the vision tower (default torch; see README, Acceleration)")
+                        help="what runs the stages (default torch; see README, Acceleration)")
+    parser.add_argument("--stage-backends", default="",
+                        help="per-stage overrides of --backend, e.g. 'mask_pass=torch' (stages: sam_image_encoder, "
+                             "vision_tower, mask_pass, sam_mask_decoder)")
     parser.add_argument("--export-dir", default="", help="the onnxruntime/tensorrt backends' graphs and engines (default ~/.cache/lens_ros/onnx)")
     parser.add_argument("--compile", action="store_true",
                         help="compiled decode loop (static KV cache + torch.compile): same tokens, faster after the first")
@@ -201,7 +204,8 @@ def segment_main(argv: list[str] | None = None) -> int:
     try:
         config = PipelineConfig(model=args.model or DEFAULT_MODEL, device=args.device, dtype=dtype,
                                 allow_download=not args.offline, cot=args.cot, backend=args.backend,
-                                export_dir=args.export_dir, compile=args.compile, **options)
+                                stage_backends=args.stage_backends, export_dir=args.export_dir, compile=args.compile,
+                                **options)
         pipeline = LensPipeline.from_config(config)
         grasp = None
         if not args.no_grasps:

@@ -77,9 +77,13 @@ class PipelineConfig:
     max_command_chars: int = DEFAULT_MAX_COMMAND_CHARS
     """Longer commands are refused."""
     backend: str = "torch"
-    """What runs SAM2's image encoder and the vision tower: ``torch`` (the reference),
-    ``onnxruntime`` (ONNX graphs exported on first use per image size) or ``tensorrt`` (engines
-    built from those graphs; CUDA only). See ``lens_ros.accel``."""
+    """What runs the stages (SAM2's image encoder and mask decoder, the vision tower, the mask pass):
+    ``torch`` (the reference), ``onnxruntime`` (ONNX graphs exported on first use per image size) or
+    ``tensorrt`` (engines built from those graphs; CUDA only). See ``lens_ros.accel``."""
+    stage_backends: str = ""
+    """Per-stage overrides of ``backend``, ``"<stage>=<backend>,..."`` with the stages
+    ``sam_image_encoder``, ``vision_tower``, ``mask_pass``, ``sam_mask_decoder`` (e.g.
+    ``"mask_pass=torch"``); ``""`` = every stage on ``backend``."""
     export_dir: str = ""
     """Where the onnxruntime and tensorrt backends keep graphs and engines (default ~/.cache/lens_ros/onnx)."""
     compile: bool = False
@@ -93,12 +97,13 @@ class PipelineConfig:
     stream on a GPU) instead of before them: it needs only the image. Results are identical."""
 
     def __post_init__(self) -> None:
-        from lens_ros.accel import BACKENDS
+        from lens_ros.accel import BACKENDS, parse_stage_backends
         from lens_ros.accel.decode import COMPILE_BACKENDS
         from lens_ros.model.checkpoint import DTYPES
 
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        parse_stage_backends(self.stage_backends)
         if self.compile_backend not in COMPILE_BACKENDS:
             raise ValueError(f"compile_backend must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile_backend!r}")
 
@@ -241,14 +246,15 @@ class LensPipeline:
     """LENS inference on one model. Not thread-safe: call it from one worker thread."""
 
     def __init__(self, model, processor, config: PipelineConfig | None = None, stages=None) -> None:
-        from lens_ros.accel import make_stages
+        from lens_ros.accel import make_stages, parse_stage_backends
 
         self.model = model
         self.processor = processor
         self.config = config or PipelineConfig()
         # The heavy stages, through the backend's interface (lens_ros.accel); torch is the reference.
         self.stages = stages or make_stages(model, self.config.backend, cache_dir=self.config.export_dir or None,
-                                            source=getattr(model, "source", None) or self.config.model)
+                                            source=getattr(model, "source", None) or self.config.model,
+                                            stage_backends=parse_stage_backends(self.config.stage_backends))
         self._encoder = BackgroundEncoder() if self.config.overlap_sam_encoder else None
         self._prepared: PreparedImage | None = None
         self._pad_id = processor.tokenizer.pad_token_id

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
-
 from fixtures_lens import SCRIPTED_ANSWER
-from lens_ros.accel import export
+
+from lens_ros.accel import STAGES, export
+from lens_ros.accel.check import stage_inputs, stage_outputs
 from lens_ros.accel.stages import Stages
 
 pytest.importorskip("onnxruntime", reason="the onnxruntime backend's tests need onnxruntime (make venv installs it)")
@@ -22,24 +24,11 @@ pytest.importorskip("onnxruntime", reason="the onnxruntime backend's tests need 
 TOLERANCE = 1e-4
 
 
-def assert_close(reference, candidate):
+def assert_close(reference, candidate, what: str = ""):
     for ref, got in zip(reference, candidate, strict=True):
-        assert ref.shape == got.shape and ref.dtype == got.dtype
+        assert ref.shape == got.shape and ref.dtype == got.dtype, what
         scale = max(1.0, float(ref.abs().max()))
-        assert float((ref - got).abs().max()) <= TOLERANCE * scale
-
-
-def stage_outputs(stages, model, processor, rgb):
-    """Both stages' outputs for ``rgb``, through a pipeline running ``stages``."""
-    from lens_ros.pipeline import LensPipeline, PipelineConfig
-
-    pipeline = LensPipeline(model, processor, PipelineConfig(model="tiny"), stages=stages)
-    with torch.inference_mode():
-        prepared = pipeline.prepare_image(rgb)
-        inputs = pipeline._prompt_inputs(prepared, "the cup")
-        pipeline._ensure_vision_features(prepared, inputs)
-    embedding = prepared.embedding()
-    return [embedding.image_embed, *embedding.high_res_feats], list(prepared.vision_features.pooler_output)
+        assert float((ref - got).abs().max()) <= TOLERANCE * scale, (what, float((ref - got).abs().max()))
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +45,7 @@ def lively_model(tiny_model):
     model = copy.deepcopy(model)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for stage in (export.SAM_IMAGE_ENCODER, export.VISION_TOWER):
+        for stage in STAGES:
             for tensor in export.stage_tensors(model, stage).values():
                 if tensor.is_floating_point() and tensor.numel() > 1 and not tensor.any():
                     tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
@@ -66,21 +55,60 @@ def lively_model(tiny_model):
 
 @pytest.mark.parametrize("size", [(120, 160), (480, 640)])
 def test_each_onnxruntime_stage_matches_torch(lively_model, export_cache, photo_640x480, size):
-    """SAM2's image encoder and the vision tower (the grid of a 160x120 and of a 640x480 camera)."""
+    """Every stage, alone on torch's inputs: SAM2's image encoder and the vision tower (the grid of a
+    160x120 and of a 640x480 camera), the mask pass at two sequence lengths (one graph: its
+    dynamic axis), SAM2's mask decoder."""
     import cv2
 
     from lens_ros.accel.onnxruntime_backend import OnnxRuntimeStages
 
     model, processor = lively_model
     rgb = np.ascontiguousarray(cv2.resize(photo_640x480, size[::-1], interpolation=cv2.INTER_AREA))
-    sam_ref, vision_ref = stage_outputs(Stages(model), model, processor, rgb)
     backend = OnnxRuntimeStages(model, cache_dir=export_cache)
-    sam_got, vision_got = stage_outputs(backend, model, processor, rgb)
-    assert_close(sam_ref, sam_got)
-    assert_close(vision_ref, vision_got)
-    assert set(backend.used) == {export.SAM_IMAGE_ENCODER, export.VISION_TOWER}
-    assert backend.describe() == {"sam_image_encoder": "onnxruntime", "vision_tower": "onnxruntime", "mask_pass": "torch",
-                                 "decode_mask": "torch"}
+    for answer in (SCRIPTED_ANSWER, "the cup"):
+        given = stage_inputs(model, processor, rgb, answer=answer)
+        reference, got = stage_outputs(Stages(model), given), stage_outputs(backend, given)
+        for stage in STAGES:
+            assert_close(reference[stage], got[stage], stage)
+        mask_pass_graph = backend.used[export.MASK_PASS]
+    assert set(backend.used) == set(STAGES) and backend.used[export.MASK_PASS] == mask_pass_graph
+    assert len([p for p in export_cache.iterdir() if p.name.startswith(export.MASK_PASS)]) == 1
+    spec = json.loads((export_cache / mask_pass_graph / f"{export.MASK_PASS}.json").read_text())
+    assert spec["inputs"]["attention_mask"]["shape"] == [1, "sequence"] and spec["outputs"]["token"]["shape"] == [1, 1, 256]
+    assert spec["dynamic_axes"] == {"inputs_embeds": {"1": "sequence"}, "attention_mask": {"1": "sequence"}}
+    assert backend.describe() == dict.fromkeys(STAGES, "onnxruntime")
+
+
+def test_the_mask_decoder_graph_keeps_sam2s_fallback_to_its_best_multimask_output(lively_model, export_cache):
+    """In eval mode SAM2's decoder replaces an unstable single mask by its best multi-mask output
+    (a data-dependent choice): the traced graph must choose as torch does, both ways. Random
+    weights give near-zero, unstable logits; a copy whose single-mask hypernetwork is scaled up
+    gives stable ones."""
+    from lens_ros.accel.onnxruntime_backend import OnnxRuntimeStages
+
+    base, processor = lively_model
+    given = stage_inputs(base, processor, np.zeros((120, 160, 3), np.uint8))
+    stable = []
+    for scale in (1.0, 1e3):
+        model = copy.deepcopy(base)
+        decoder = model.sam.sam_mask_decoder
+        with torch.no_grad():
+            decoder.output_hypernetworks_mlps[0].layers[-1].weight.mul_(scale)
+        assert decoder.dynamic_multimask_via_stability and not decoder.training
+        backend, reference = OnnxRuntimeStages(model, cache_dir=export_cache), Stages(model)
+        for seed in range(4):
+            token = torch.randn(given["token"].shape, generator=torch.Generator().manual_seed(seed))
+            with torch.inference_mode():
+                ref, got = reference.decode_mask(given["embedding"], token), backend.decode_mask(given["embedding"], token)
+                multimask, _, _, _ = decoder(image_embeddings=given["embedding"].image_embed,
+                                             image_pe=model.sam.sam_prompt_encoder.get_dense_pe(),
+                                             sparse_prompt_embeddings=token,
+                                             dense_prompt_embeddings=model.sam.sam_prompt_encoder(None, None, None)[1],
+                                             multimask_output=True, repeat_image=True,
+                                             high_res_features=given["embedding"].high_res_feats)
+            assert_close(ref, got, f"scale {scale}, seed {seed}")
+            stable.append(not any(torch.equal(ref[0][0, 0], mask) for mask in multimask[0]))
+    assert True in stable and False in stable, stable  # both branches were taken
 
 
 def test_onnxruntime_pipeline_answers_as_torch_does(scripted_checkpoint, tmp_path):
@@ -108,15 +136,15 @@ def test_graphs_are_exported_once_then_read_from_the_cache(tiny_model, export_ca
     from lens_ros.accel.onnxruntime_backend import OnnxRuntimeStages
 
     model, processor = tiny_model
-    rgb = (np.random.default_rng(1).random((120, 160, 3)) * 255).astype(np.uint8)
-    stage_outputs(OnnxRuntimeStages(model, cache_dir=export_cache), model, processor, rgb)  # exported (or cached)
+    given = stage_inputs(model, processor, (np.random.default_rng(1).random((120, 160, 3)) * 255).astype(np.uint8))
+    stage_outputs(OnnxRuntimeStages(model, cache_dir=export_cache), given)  # exported (or cached)
     directories = sorted(p.name for p in export_cache.iterdir())
 
     def refuse(*args, **kwargs):
         raise AssertionError("exported again")
 
     monkeypatch.setattr(export, "export_stage", refuse)
-    stage_outputs(OnnxRuntimeStages(model, cache_dir=export_cache), model, processor, rgb)  # a new process, in effect
+    stage_outputs(OnnxRuntimeStages(model, cache_dir=export_cache), given)  # a new process, in effect
     assert sorted(p.name for p in export_cache.iterdir()) == directories
 
 
@@ -152,7 +180,7 @@ def test_a_graph_refuses_inputs_of_another_shape(tiny_model, export_cache):
 
     model, processor = tiny_model
     backend = OnnxRuntimeStages(model, cache_dir=export_cache)
-    stage_outputs(backend, model, processor, np.zeros((120, 160, 3), np.uint8))
+    stage_outputs(backend, stage_inputs(model, processor, np.zeros((120, 160, 3), np.uint8)))
     graph = next(g for g in backend._graphs.values() if g.directory.name == backend.used[export.SAM_IMAGE_ENCODER])
     with pytest.raises(ValueError, match=r"pixels: shape \[1, 3, 64, 64\], the graph takes \[1, 3, 256, 256\]"):
         graph(pixels=torch.zeros(1, 3, 64, 64))
@@ -176,6 +204,40 @@ def test_unknown_backends_are_refused_by_name():
         NodeConfig(backend="cuda")
 
 
+def test_stage_backends_route_single_stages_to_another_backend(tiny_model, export_cache):
+    from lens_ros.accel import make_stages
+    from lens_ros.accel.stages import RoutedStages
+
+    model, processor = tiny_model
+    stages = make_stages(model, "onnxruntime", cache_dir=export_cache, stage_backends={"mask_pass": "torch"})
+    assert isinstance(stages, RoutedStages)
+    assert stages.describe() == {"sam_image_encoder": "onnxruntime", "vision_tower": "onnxruntime", "mask_pass": "torch",
+                                 "sam_mask_decoder": "onnxruntime"}
+    given = stage_inputs(model, processor, np.zeros((120, 160, 3), np.uint8))
+    reference, got = stage_outputs(Stages(model), given), stage_outputs(stages, given)
+    assert torch.equal(reference[export.MASK_PASS][0], got[export.MASK_PASS][0])  # torch's own code ran it
+    onnx = stages.routes[export.SAM_IMAGE_ENCODER]
+    assert onnx is stages.routes[export.SAM_MASK_DECODER] and set(onnx.used) == set(STAGES) - {export.MASK_PASS}
+    for stage in set(STAGES) - {export.MASK_PASS}:
+        assert_close(reference[stage], got[stage], stage)
+    assert type(make_stages(model, "torch", stage_backends={"mask_pass": "torch"})) is Stages  # one backend: no router
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mask_pass=cuda", "'mask_pass=cuda' is not <stage>=<backend>"),
+    ("vision=torch", "'vision=torch' is not <stage>=<backend> (stages: sam_image_encoder, vision_tower, mask_pass, "
+                     "sam_mask_decoder; backends: torch, onnxruntime, tensorrt)"),
+    ("mask_pass=torch,mask_pass=onnxruntime", "mask_pass is given twice")])
+def test_bad_stage_backends_are_refused_with_the_accepted_names(text, message):
+    from lens_ros.pipeline import PipelineConfig
+    from lens_ros.ros.params import NodeConfig
+
+    with pytest.raises(ValueError, match="^stage_backends: " + re.escape(message)):
+        PipelineConfig(stage_backends=text)
+    with pytest.raises(ValueError, match="^parameter 'stage_backends': " + re.escape(message)):
+        NodeConfig(stage_backends=text)
+
+
 def test_lens_export_writes_graphs_and_a_manifest_the_backend_uses(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     """`lens-export` for a 160x120 camera; then lens-segment with --backend onnxruntime --export-dir
     runs those graphs without exporting anything."""
@@ -185,10 +247,10 @@ def test_lens_export_writes_graphs_and_a_manifest_the_backend_uses(tiny_checkpoi
     out = tmp_path / "engines"
     assert export_main(["--model", str(tiny_checkpoint), "--image-size", "160x120", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "sam_image_encoder: " in printed and "vision_tower: " in printed and "OVER TOLERANCE" not in printed
+    assert all(f"{stage}: " in printed for stage in STAGES) and "OVER TOLERANCE" not in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["image_size"] == [160, 120] and manifest["dtype"] == "float32" and manifest["opset"] == export.OPSET
-    assert set(manifest["graphs"]) == {export.SAM_IMAGE_ENCODER, export.VISION_TOWER}
+    assert set(manifest["graphs"]) == set(STAGES) and manifest["not_exported"] == {}
     assert {"torch", "transformers", "sam2", "onnx"} <= set(manifest["versions"])
     vision = manifest["graphs"][export.VISION_TOWER]
     assert vision["constants"]["image_grid_thw"][0] == 1 and vision["inputs"]["pixel_values"]["dtype"] == "float32"
@@ -220,23 +282,25 @@ def test_lens_export_refuses_a_bad_image_size(capsys):
     assert "--image-size must be WIDTHxHEIGHT (e.g. 640x480), got '640by480'" in capsys.readouterr().err
 
 
-def test_the_node_runs_the_onnxruntime_backend(tiny_checkpoint, tmp_path):
-    """lens_node with backend:=onnxruntime over real DDS: it answers, and /diagnostics says which
-    backend runs each stage."""
+def test_the_node_runs_the_onnxruntime_backend(scripted_checkpoint, tmp_path):
+    """lens_node with backend:=onnxruntime and stage_backends:=vision_tower=torch over real DDS: it
+    answers (a box, so every stage runs), /diagnostics says which backend runs each stage, and the
+    graphs exported are those of the onnxruntime stages."""
     pytest.importorskip("rclpy")
     from node_clients import Harness
 
-    harness = Harness(tiny_checkpoint, "/cam_ort", backend="onnxruntime", export_dir=str(tmp_path / "onnx"))
+    harness = Harness(scripted_checkpoint, "/cam_ort", backend="onnxruntime", export_dir=str(tmp_path / "onnx"),
+                      max_new_tokens=40, stage_backends="vision_tower=torch")
     try:
         harness.wait_state("active")
-        assert harness.state()["backend"] == ("sam_image_encoder=onnxruntime, vision_tower=onnxruntime, "
-                                                "mask_pass=torch, decode_mask=torch")
+        assert harness.state()["backend"] == ("sam_image_encoder=onnxruntime, vision_tower=torch, "
+                                                "mask_pass=onnxruntime, sam_mask_decoder=onnxruntime")
         harness.fresh_frame()
         answer = harness.command("the cup", timeout=300)  # the first frame of a size exports its graphs
-        assert answer.error == "", answer.error
-        assert harness.peer.wait_for(lambda: sorted(  # the SAM2 graph may still be exporting beside
-            p.name.split("-")[0] for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")) == [
-            export.SAM_IMAGE_ENCODER, export.VISION_TOWER], 300)
+        assert answer.error == "" and answer.found, answer.error
+        assert harness.peer.wait_for(lambda: sorted(
+            p.name.split("-")[0] for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")) == sorted(
+            set(STAGES) - {export.VISION_TOWER}), 300)
     finally:
         harness.close()
 
@@ -431,8 +495,8 @@ def test_profile_shapes_fix_every_axis_but_the_dynamic_ones():
 
 def test_real_size_stages_export_and_match(tmp_path):
     """`lens-export --model real-size` (Qwen2.5-VL-3B's vision tower from its published configuration
-    and SAM2 Hiera-L, random weights) for a 640x480 camera: both graphs export and onnxruntime
-    matches torch. About 9 minutes and 12 GB on 2 cores; in its own process, so the memory returns."""
+    and SAM2 Hiera-L, random weights) for a 640x480 camera: SAM2's image encoder and mask decoder
+    and the vision tower export, and onnxruntime matches torch. About 9 minutes and 12 GB on 2 cores; in its own process, so the memory returns."""
     import os
     import shutil
     import subprocess
@@ -445,6 +509,9 @@ def test_real_size_stages_export_and_match(tmp_path):
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         manifest = json.loads((out / "manifest.json").read_text())
         sam, vision = manifest["graphs"][export.SAM_IMAGE_ENCODER], manifest["graphs"][export.VISION_TOWER]
+        # The 3B language model is not materialised (12 GB): no mask pass graph, and the manifest says why.
+        assert set(manifest["graphs"]) == set(STAGES) - {export.MASK_PASS} and export.MASK_PASS in manifest["not_exported"]
+        assert manifest["graphs"][export.SAM_MASK_DECODER]["outputs"]["low_res"]["shape"] == [1, 1, 256, 256]
         assert sam["inputs"]["pixels"]["shape"] == [1, 3, 1024, 1024]
         assert [o["shape"] for o in sam["outputs"].values()] == [[1, 256, 64, 64], [1, 32, 256, 256], [1, 64, 128, 128]]
         assert vision["inputs"]["pixel_values"]["shape"] == [1564, 1176]  # 476x644 after smart_resize
@@ -462,8 +529,12 @@ def test_the_benchmark_puts_backends_side_by_side(tiny_checkpoint, tmp_path, cap
     from lens_ros.bench.pipeline import main
 
     assert main(["--model", str(tiny_checkpoint), "--backend", "torch,onnxruntime", "--force-tokens", "3", "--runs", "1",
-                 "--warmup", "1", "--export-dir", str(tmp_path)]) == 0
+                 "--warmup", "1", "--export-dir", str(tmp_path), "--lens-two-pass"]) == 0
     printed = capsys.readouterr().out
+    # LENS's own pass 2 (vision tower again, full forward with hidden states) gives this pipeline's prompt token.
+    difference = re.search(r"its prompt token differs from this pipeline's mask pass by at most (\S+)", printed)
+    assert difference and float(difference.group(1)) <= 1e-5, printed
+    assert re.search(r"onnxruntime: command -> mask [\d.]+ ms, speed-up over LENS's path [\d.]+x", printed), printed
     assert "max_new_tokens 3 (forced)" in printed and "median ms per stage, new image each run" in printed
     table = printed.split("median ms per stage, new image each run")[1].splitlines()
     assert "torch" in table[1] and "onnxruntime" in table[1]

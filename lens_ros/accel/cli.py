@@ -1,4 +1,4 @@
-"""``lens-export``: the ONNX graphs of a model's fixed-shape stages for one camera resolution.
+"""``lens-export``: the ONNX graphs of a model's stages for one camera resolution.
 
     lens-export --model OuyBin/LENS --image-size 640x480 --out engines/ [--dtype float32] [--device cpu] [--engines]
 
@@ -33,14 +33,6 @@ def parse_image_size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _difference(reference, candidate) -> tuple[float, float]:
-    worst, scale = 0.0, 1.0
-    for ref, got in zip(reference, candidate):
-        worst = max(worst, float((ref.float() - got.float()).abs().max()))
-        scale = max(scale, float(ref.float().abs().max()))
-    return worst, scale
-
-
 def load_for_export(source: str, device: str, dtype: str, allow_download: bool):
     """(model, processor) of a checkpoint source, or of ``real-size`` (Qwen2.5-VL-3B's vision tower
     and SAM2 Hiera-L with random weights: lens_ros.model.real_size)."""
@@ -58,46 +50,32 @@ def load_for_export(source: str, device: str, dtype: str, allow_download: bool):
 
 def export_model(model_source: str, image_size: tuple[int, int], out: Path, device: str = "cpu",
                  dtype: str = "float32", allow_download: bool = False) -> dict:
-    """Export (or find in ``out``) both graphs for ``image_size`` and check them against torch."""
+    """Export (or find in ``out``) every stage's graph for ``image_size`` and check each against torch.
+    A real-size model has no mask pass graph: its language model is not materialised."""
     import numpy as np
-    import torch
 
-    from lens_ros.accel import export
+    from lens_ros.accel import check, export
     from lens_ros.accel.onnxruntime_backend import OnnxRuntimeStages
-    from lens_ros.accel.stages import Stages
-    from lens_ros.model.sam import sam_input_size
-    from lens_ros.pipeline import LensPipeline, PipelineConfig, sam_pixels
 
     model, processor = load_for_export(model_source, device, dtype, allow_download)
     backend = OnnxRuntimeStages(model, cache_dir=out, source=model_source)
-    pipeline = LensPipeline(model, processor, PipelineConfig(model=model_source, device=device, dtype=dtype),
-                            stages=backend)
-    reference = Stages(model)
     width, height = image_size
     rgb = (np.random.default_rng(0).random((height, width, 3)) * 255).astype(np.uint8)
-    checks = {}
-    with torch.inference_mode():
-        start = time.perf_counter()
-        prepared = pipeline.prepare_image(rgb)  # exports the SAM2 image encoder graph on first use
-        # The vision tower's input as the processor makes it for a prompt with this image.
-        vision = processor.image_processor(images=[prepared.vlm_image], return_tensors="pt")
-        pixel_values, grid = vision["pixel_values"].to(pipeline.device), vision["image_grid_thw"].to(pipeline.device)
-        features = backend.image_features(pixel_values, grid).pooler_output  # and the vision tower's
-        export_s = time.perf_counter() - start
-        pixels = sam_pixels(rgb, sam_input_size(model.sam)).to(pipeline.device)
-        sam_ref = reference.encode_sam_image(pixels)
-        got = prepared.embedding()
-        checks[export.SAM_IMAGE_ENCODER] = _difference([sam_ref.image_embed, *sam_ref.high_res_feats],
-                                                       [got.image_embed, *got.high_res_feats])
-        checks[export.VISION_TOWER] = _difference(reference.image_features(pixel_values, grid).pooler_output,
-                                                  features)
-    pipeline.close()
+    given = check.stage_inputs(model, processor, rgb)
+    skipped = check.stages_not_runnable(model)
+    start = time.perf_counter()
+    exported = check.stage_outputs(backend, given, skip=skipped)  # exports each graph on first use
+    export_s = time.perf_counter() - start
+    reference = check.reference_outputs(model, given, skip=skipped)
+    checks = {stage: check.max_difference(reference[stage], exported[stage]) for stage in exported}
     graphs = {stage: {"directory": directory, **json.loads((out / directory / f"{stage}.json").read_text())}
               for stage, directory in sorted(backend.used.items())}
     manifest = {"format": export.MANIFEST_FORMAT, "model": model_source, "image_size": [width, height],
                 "device": device, "dtype": dtype, "opset": export.OPSET, "versions": export.library_versions(),
                 "weights_sha256": {stage: backend.weights(stage) for stage in graphs},
                 "graphs": graphs, "export_s": round(export_s, 1),
+                "not_exported": {stage: "the language model is not materialised (real-size: shapes only)"
+                                 for stage in skipped},
                 "max_abs_difference": {stage: {"value": d, "reference_max": s} for stage, (d, s) in checks.items()}}
     (out / export.MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -144,6 +122,8 @@ def export_main(argv: list[str] | None = None) -> int:
         shapes = ", ".join(f"{name} {spec['shape']}" for name, spec in graph["inputs"].items())
         print(f"{stage}: {graph['directory']}/{graph['file']} ({shapes}); onnxruntime vs torch max abs difference "
               f"{check['value']:.2e} (reference max {check['reference_max']:.3g}){' OVER TOLERANCE' if bad else ''}")
+    for stage, why in manifest["not_exported"].items():
+        print(f"{stage}: not exported: {why}")
     print(f"manifest: {out / 'manifest.json'}")
     if args.engines and not failed:
         import torch

@@ -1,10 +1,12 @@
-"""ONNX graphs of the fixed-shape stages, and the manifest that says what they were made from.
+"""ONNX graphs of the pipeline's stages, and the manifest that says what they were made from.
 
 A robot's camera has one resolution, so the SAM2 image encoder (an S x S input) and the
 Qwen2.5-VL vision tower (its patch grid follows from the image size through ``smart_resize``)
 each have one input shape per camera: they are exported with fixed shapes, their grid-dependent
-constants (rotary positions, attention windows) folded in. onnxruntime runs the graphs here;
-TensorRT builds its engines from the same files on a robot.
+constants (rotary positions, attention windows) folded in. SAM2's mask decoder has fixed shapes
+for any camera. The mask pass (the language model over prompt + answer + queries, then the
+context head) has one dynamic axis, the sequence length: answers differ in length.
+onnxruntime runs the graphs here; TensorRT builds its engines from the same files on a robot.
 
 ``manifest.json`` beside the graphs records the model source and a hash of the exported weights,
 every input and output shape, the opset, the dtype and the torch / transformers / sam2 / onnx
@@ -28,17 +30,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lens_ros.model.sam import encode_image
+from lens_ros.accel import MASK_PASS, SAM_IMAGE_ENCODER, SAM_MASK_DECODER, VISION_TOWER
+from lens_ros.model.lens import mask_pass_position_ids
+from lens_ros.model.sam import SamImageEmbedding, decode_mask, encode_image
 
 OPSET = 18
 # torch.onnx.export keeps global state: one export at a time (the SAM2 encoder's may run on the
 # background encoder thread while the vision tower's runs on the caller's).
 _EXPORTING = threading.Lock()
 MANIFEST = "manifest.json"
-MANIFEST_FORMAT = 1
-SAM_IMAGE_ENCODER = "sam_image_encoder"
-VISION_TOWER = "vision_tower"
+MANIFEST_FORMAT = 2  # 2: the mask pass and SAM2's mask decoder are graphs too; symbolic (dynamic) axes
 SAM_OUTPUTS = ("image_embed", "high_res_0", "high_res_1")
+SEQUENCE = "sequence"  # the mask pass's dynamic axis (axis 1 of both inputs)
 
 
 class SamImageEncoderGraph(nn.Module):
@@ -66,18 +69,58 @@ class VisionTowerGraph(nn.Module):
         return self.visual(pixel_values, grid_thw=self.image_grid_thw, return_dict=True).pooler_output
 
 
+class MaskPassGraph(nn.Module):
+    """The mask pass of one request after its token embedding: inputs_embeds (1, L, D) of prompt +
+    answer with the image features scattered in, and its attention mask (1, L) -> the SAM2 prompt
+    token (1, 1, C). The learnable queries are appended and the explicit positions computed inside,
+    exactly as ``LensModel.mask_pass_inputs`` does; the embedding lookup and the scatter stay in torch
+    (a gather, and the vision tower's output is already there)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        queries = model.learnable_query.to(inputs_embeds.dtype).expand(inputs_embeds.shape[0], -1, -1)
+        embeds = torch.cat([inputs_embeds, queries], dim=1)
+        attention = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], model.num_queries)], 1)
+        return model.context_token(model.query_states(embeds, attention, mask_pass_position_ids(attention)))
+
+
+class SamMaskDecoderGraph(nn.Module):
+    """One image embedding and one prompt token -> low-resolution mask logits (1, 1, h, w) and
+    SAM2's IoU (1, 1): ``decode_mask``'s, the prompt encoder's constant embeddings folded in."""
+
+    def __init__(self, sam: nn.Module) -> None:
+        super().__init__()
+        self.sam = sam
+
+    def forward(self, image_embed, high_res_0, high_res_1, token):
+        embedding = SamImageEmbedding(image_embed=image_embed, high_res_feats=[high_res_0, high_res_1])
+        return decode_mask(self.sam, embedding, token)
+
+
 def stage_tensors(model, stage: str) -> dict[str, torch.Tensor]:
     """The parameters and buffers a stage's graph is made of (what its export depends on)."""
+    extra = {}
     if stage == SAM_IMAGE_ENCODER:  # the encoder, no_mem_embed and the decoder's two feature projections
         modules = {"image_encoder": model.sam.image_encoder, "conv_s0": model.sam.sam_mask_decoder.conv_s0,
                    "conv_s1": model.sam.sam_mask_decoder.conv_s1}
         extra = {"no_mem_embed": model.sam.no_mem_embed}
     elif stage == VISION_TOWER:
-        modules, extra = {"visual": model.vlm.model.visual}, {}
+        modules = {"visual": model.vlm.model.visual}
+    elif stage == MASK_PASS:  # the language model (its embedding table is not in the graph) and the context head
+        modules = {"language_model": model.vlm.model.language_model, "conv_1d": model.conv_1d,
+                   "proj_to_sam": model.proj_to_sam}
+        modules.update({"connector": model.connector} if model.use_connector else {})
+        extra = {"learnable_query": model.learnable_query}
+    elif stage == SAM_MASK_DECODER:
+        modules = {"sam_prompt_encoder": model.sam.sam_prompt_encoder, "sam_mask_decoder": model.sam.sam_mask_decoder}
     else:
         raise ValueError(f"unknown stage {stage!r}")
     tensors = dict(extra)
-    for prefix, module in modules.items():
+    for prefix, module in modules.items():  # (the mask decoder's conv_s0/s1 count for both SAM2 graphs: harmless)
         tensors.update({f"{prefix}.{name}": t for name, t in module.state_dict(keep_vars=True).items()})
     return tensors
 
@@ -109,12 +152,14 @@ class GraphSpec:
     file: str
     inputs: dict[str, dict] = field(default_factory=dict)
     outputs: dict[str, dict] = field(default_factory=dict)
-    dynamic_axes: dict[str, dict] = field(default_factory=dict)
+    dynamic_axes: dict[str, dict] = field(default_factory=dict)  # input -> {axis: name}; such an axis's shape is its name
     constants: dict = field(default_factory=dict)  # folded into the graph (the vision tower's patch grid)
 
 
-def tensor_spec(tensor: torch.Tensor) -> dict:
-    return {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+def tensor_spec(tensor: torch.Tensor, dynamic: dict[int, str] | None = None) -> dict:
+    """Shape and dtype; a dynamic axis's size is its name (so a spec, and a cache key, hold for every length)."""
+    shape = [(dynamic or {}).get(axis, size) for axis, size in enumerate(tensor.shape)]
+    return {"shape": shape, "dtype": str(tensor.dtype).removeprefix("torch.")}
 
 
 def export_key(stage: str, weights: str, inputs: dict[str, dict], dtype: str, constants: dict | None = None) -> str:
@@ -128,7 +173,7 @@ def export_key(stage: str, weights: str, inputs: dict[str, dict], dtype: str, co
 
 
 def _export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str], output_names: list[str],
-            path: Path) -> None:
+            path: Path, dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
     """``torch.onnx.export`` with the TorchScript exporter. torch.export (``dynamo=True``) fails on
     the vision tower (its window split sizes come from ``tensor.tolist()``, a data-dependent guard)
     and its SAM2 graph ran 1.2-1.4x slower in onnxruntime on the CPU; the traced graph matches
@@ -144,8 +189,11 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: l
     with _EXPORTING, torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy TorchScript-based ONNX export": see above
+        # SAM2's fallback to its best multi-mask output indexes by argmax and arange, never negative.
+        warnings.filterwarnings("ignore", "Exporting aten::index operator of advanced indexing", UserWarning)
         torch.onnx.export(module, example, str(raw / path.name), input_names=input_names,
-                          output_names=output_names, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+                          output_names=output_names, opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                          dynamic_axes=dynamic_axes or None)
     files = list(raw.iterdir())
     if len(files) == 1:
         os.replace(files[0], path)
@@ -157,16 +205,21 @@ def _export(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: l
 
 
 def export_stage(stage: str, module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
-                 output_names: list[str], out_dir: Path, source: str = "", constants: dict | None = None) -> GraphSpec:
-    """Export one stage to ``out_dir/<stage>.onnx`` and return its spec (with its outputs' shapes)."""
+                 output_names: list[str], out_dir: Path, source: str = "", constants: dict | None = None,
+                 dynamic_axes: dict[str, dict[int, str]] | None = None) -> GraphSpec:
+    """Export one stage to ``out_dir/<stage>.onnx`` and return its spec (with its outputs' shapes;
+    outputs have fixed shapes in every graph here)."""
+    dynamic_axes = dynamic_axes or {}
     with torch.no_grad():
         reference = module(*example)
     reference = reference if isinstance(reference, tuple) else (reference,)
     start = time.perf_counter()
-    _export(module, example, input_names, output_names, out_dir / f"{stage}.onnx")
+    _export(module, example, input_names, output_names, out_dir / f"{stage}.onnx", dynamic_axes)
     spec = GraphSpec(file=f"{stage}.onnx",
-                     inputs={name: tensor_spec(t) for name, t in zip(input_names, example)},
+                     inputs={name: tensor_spec(t, dynamic_axes.get(name)) for name, t in zip(input_names, example)},
                      outputs={name: tensor_spec(t) for name, t in zip(output_names, reference)},
+                     dynamic_axes={name: {str(axis): label for axis, label in axes.items()}
+                                   for name, axes in dynamic_axes.items()},
                      constants=constants or {})
     spec_dict = asdict(spec) | {"export_s": round(time.perf_counter() - start, 2), "source": source}
     (out_dir / f"{stage}.json").write_text(json.dumps(spec_dict, indent=2) + "\n")
@@ -182,6 +235,23 @@ def vision_tower_example(model, pixel_values: torch.Tensor, image_grid_thw: torc
     if image_grid_thw.shape[0] != 1:
         raise ValueError("the vision tower graph is exported for one image")
     return VisionTowerGraph(visual, image_grid_thw).eval(), (pixel_values.to(visual.dtype),)
+
+
+def mask_pass_example(model, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor):
+    if inputs_embeds.shape[0] != 1:
+        raise ValueError("the mask pass graph is exported for one request")
+    return MaskPassGraph(model).eval(), (inputs_embeds, attention_mask.to(torch.int64))
+
+
+MASK_PASS_DYNAMIC_AXES = {"inputs_embeds": {1: SEQUENCE}, "attention_mask": {1: SEQUENCE}}
+
+
+def sam_mask_decoder_example(model, embedding: SamImageEmbedding, token: torch.Tensor):
+    dtype = embedding.image_embed.dtype
+    return SamMaskDecoderGraph(model.sam).eval(), (embedding.image_embed, *embedding.high_res_feats, token.to(dtype))
+
+
+SAM_MASK_DECODER_INPUTS = ("image_embed", "high_res_0", "high_res_1", "token")
 
 
 def atomic_directory(target: Path):

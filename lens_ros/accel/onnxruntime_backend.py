@@ -1,8 +1,10 @@
-"""The onnxruntime backend: SAM2's image encoder and the vision tower run as ONNX graphs.
+"""The onnxruntime backend: every stage (SAM2's image encoder and mask decoder, the vision tower,
+the mask pass) runs as an ONNX graph.
 
-Graphs are exported on first use for each input shape (a camera has one) into a cache directory
-named by ``export_key`` (weights hash, shapes, dtype, opset, library versions), or read from
-``lens-export``'s output, and reused by every later process. Inputs and outputs are bound to
+Graphs are exported on first use for each input shape (a camera has one; the mask pass's sequence
+length is a dynamic axis) into a cache directory named by ``export_key`` (weights hash, shapes,
+dtype, opset, library versions), or read from ``lens-export``'s output, and reused by every later
+process. Inputs and outputs are bound to
 torch tensors in place (onnxruntime's IO binding over the tensors' memory), so nothing is copied
 on the way in or out, on the CPU as with the CUDA execution provider.
 """
@@ -48,12 +50,14 @@ def default_providers(device: torch.device) -> list[str]:
 
 
 def bound_tensors(spec: dict, inputs: dict[str, torch.Tensor], device: torch.device, what: str = "graph"):
-    """The inputs as the exported graph takes them (its shapes refused otherwise, its dtype, contiguous on
-    ``device``), and empty contiguous outputs: tensors whose memory a runtime reads and writes in place."""
+    """The inputs as the exported graph takes them (its shapes refused otherwise, a dynamic axis, named
+    in the spec, of any size; its dtype, contiguous on ``device``), and empty contiguous outputs: tensors
+    whose memory a runtime reads and writes in place."""
     bound = {}
     for name, tensor in inputs.items():
         expected = spec["inputs"][name]
-        if list(tensor.shape) != expected["shape"]:
+        if len(tensor.shape) != len(expected["shape"]) or any(
+                isinstance(want, int) and got != want for got, want in zip(tensor.shape, expected["shape"])):
             raise ValueError(f"{name}: shape {list(tensor.shape)}, the {what} takes {expected['shape']}")
         bound[name] = tensor.to(device, getattr(torch, expected["dtype"])).contiguous()
     # torch.empty, not empty_like of torch's own outputs: those may be strided views, the runtime writes row-major.
@@ -93,7 +97,7 @@ class Graph:
 
 
 class OnnxRuntimeStages(Stages):
-    """SAM2's image encoder and the vision tower in onnxruntime; the other stages in torch."""
+    """Every stage in onnxruntime (several images at once, which one command never sends, in torch)."""
 
     name = "onnxruntime"
 
@@ -113,11 +117,13 @@ class OnnxRuntimeStages(Stages):
             self._weights[stage] = export.weights_sha256(export.stage_tensors(self.model, stage))
         return self._weights[stage]
 
-    def graph(self, stage: str, module_and_example, input_names, output_names, constants: dict | None = None) -> Graph:
+    def graph(self, stage: str, module_and_example, input_names, output_names, constants: dict | None = None,
+              dynamic_axes: dict[str, dict[int, str]] | None = None) -> Graph:
         """The session for ``stage`` at these inputs (and ``constants`` folded into the graph, such as
-        the vision tower's patch grid), exported first when the cache lacks it."""
+        the vision tower's patch grid; ``dynamic_axes`` of any size), exported first when the cache lacks it."""
         module, example = module_and_example
-        inputs = {name: export.tensor_spec(t) for name, t in zip(input_names, example)}
+        dynamic_axes = dynamic_axes or {}
+        inputs = {name: export.tensor_spec(t, dynamic_axes.get(name)) for name, t in zip(input_names, example)}
         key = (stage, json.dumps([inputs, constants], sort_keys=True))
         if key in self._graphs:
             self.used[stage] = self._graphs[key].directory.name
@@ -129,7 +135,7 @@ class OnnxRuntimeStages(Stages):
             log.info("onnxruntime backend: exporting %s for inputs %s to %s (once per shape)", stage, inputs, directory)
             with export.atomic_directory(directory) as tmp:
                 export.export_stage(stage, module, example, input_names, output_names, tmp, source=self.source,
-                                    constants=constants)
+                                    constants=constants, dynamic_axes=dynamic_axes)
         spec = json.loads((directory / f"{stage}.json").read_text())
         self._graphs[key] = self.make_graph(directory, spec)
         self.used[stage] = directory.name
@@ -153,3 +159,19 @@ class OnnxRuntimeStages(Stages):
                            constants={"image_grid_thw": image_grid_thw[0].tolist()})
         (features,) = graph(pixel_values=pixel_values)
         return features_output(features)
+
+    def mask_pass(self, sequence: torch.Tensor, attention: torch.Tensor, image_features) -> torch.Tensor:
+        if sequence.shape[0] != 1 or not bool(attention.all()):  # the graph is one unpadded request; a padded
+            return super().mask_pass(sequence, attention, image_features)  # batch (evaluation) stays in torch
+        inputs_embeds = self.model.sequence_embeds(sequence, image_features)
+        graph = self.graph(export.MASK_PASS, export.mask_pass_example(self.model, inputs_embeds, attention),
+                           ["inputs_embeds", "attention_mask"], ["token"], dynamic_axes=export.MASK_PASS_DYNAMIC_AXES)
+        (token,) = graph(inputs_embeds=inputs_embeds, attention_mask=attention)
+        return token
+
+    def decode_mask(self, embedding: SamImageEmbedding, token: torch.Tensor):
+        graph = self.graph(export.SAM_MASK_DECODER, export.sam_mask_decoder_example(self.model, embedding, token),
+                           list(export.SAM_MASK_DECODER_INPUTS), ["low_res", "iou"])
+        low_res, iou = graph(image_embed=embedding.image_embed, high_res_0=embedding.high_res_feats[0],
+                             high_res_1=embedding.high_res_feats[1], token=token)
+        return low_res, iou

@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 WORKSPACE_BYTES = 4 << 30
+# The mask pass's sequence length (min, opt, max) in its engine's optimisation profile: a 640x480
+# camera gives 391 image tokens, the template and a command ~40 more, a box-only answer ~25 and a
+# CoT answer 150-250 (opt ~ box-only at 640x480). 4096 covers VLM_MAX_PIXELS' 1280 image tokens
+# with any answer; longer sequences are refused by TensorRT at set_input_shape.
+SEQUENCE_PROFILE = (1, 512, 4096)
 
 
 def import_tensorrt():
@@ -94,8 +99,17 @@ def profile_shapes(spec: dict, dynamic: dict[str, dict[int, tuple[int, int, int]
             if not 1 <= a <= b <= c:
                 raise ValueError(f"{name} axis {axis}: need 1 <= min <= opt <= max, got {(a, b, c)}")
             low[axis], best[axis], high[axis] = a, b, c
+        if any(not isinstance(size, int) for size in low):
+            raise ValueError(f"{name}: dynamic axis without a (min, opt, max) in the profile: {tensor['shape']}")
         profile[name] = (tuple(low), tuple(best), tuple(high))
     return profile
+
+
+def graph_profile(spec: dict) -> dict[str, tuple] | None:
+    """The optimisation profile of an exported graph: SEQUENCE_PROFILE on each of its dynamic axes
+    (the mask pass's), None for a graph with fixed shapes."""
+    dynamic = {name: {int(axis): SEQUENCE_PROFILE for axis in axes} for name, axes in spec.get("dynamic_axes", {}).items()}
+    return profile_shapes(spec, dynamic) if dynamic else None
 
 
 def build_engine(onnx_path: Path, engine_path: Path, precision: str, timing_cache: Path,
@@ -184,12 +198,13 @@ def require_cuda(device: torch.device) -> None:
 def engine_for(onnx_path: Path, spec: dict, cache_dir: Path, precision: str, device: torch.device,
                tensorrt_version: str) -> Path:
     """The engine file for an exported graph under ``cache_dir/engines``, built first when missing."""
-    key = engine_key(onnx_path, spec, precision, gpu_identity(device), tensorrt_version)
+    profile = graph_profile(spec)
+    key = engine_key(onnx_path, spec, precision, gpu_identity(device), tensorrt_version, profile)
     engine = cache_dir / "engines" / f"{onnx_path.stem}-{key.name()}.engine"
     if not engine.is_file():
         log.warning("tensorrt backend: building the %s engine (%s); minutes on a Jetson, once per %s",
                     onnx_path.stem, precision, engine.name)
-        build_engine(onnx_path, engine, precision, cache_dir / "engines" / "timing.cache")
+        build_engine(onnx_path, engine, precision, cache_dir / "engines" / "timing.cache", profile)
         engine.with_suffix(".json").write_text(json.dumps(asdict(key), indent=2) + "\n")
     return engine
 

@@ -3,13 +3,18 @@
     python -m lens_ros.bench.pipeline --model tiny --runs 10
     python -m lens_ros.bench.pipeline --model OuyBin/LENS --device cuda --dtype bfloat16
     python -m lens_ros.bench.pipeline --model tiny --backend torch,onnxruntime --compile --force-tokens 25
+    python -m lens_ros.bench.pipeline --model real-size --force-tokens 25 --lens-two-pass --runs 3
 
 Two series: "new image" (each run on a different frame: everything is computed) and "same
 image" (commands repeated on one frame: SAM2 embedding and vision tower reused). Prints the
 median and the 10th-90th percentile spread per stage. With several backends (and --compile),
 one table puts the "new image" medians of every variant side by side. --force-tokens N makes
 every answer exactly N tokens (min = max new tokens), so that random weights cost what trained
-ones do (25 for a box-only answer, about 200 with chain of thought).
+ones do (25 for a box-only answer, about 200 with chain of thought). ``--model real-size`` is
+Qwen2.5-VL-3B and SAM2 Hiera-L with random weights (lens_ros.model.real_size; 16 GB in float32).
+--lens-two-pass also times LENS's own path on the same frames (lens_ros.bench.lens_two_pass:
+everything in sequence, the vision tower again and a full forward in pass 2) and prints each
+variant's speed-up over it.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time each backend with the compiled decode loop")
     parser.add_argument("--force-tokens", type=int, default=None, help="every answer exactly N tokens")
     parser.add_argument("--export-dir", default="", help="where the onnxruntime/tensorrt graphs live")
+    parser.add_argument("--lens-two-pass", action="store_true", help="also time LENS's own two-pass path")
     args = parser.parse_args(argv)
 
     import cv2
@@ -79,9 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         photo = Path(__file__).resolve().parents[1] / "data" / "coffee.jpg"
         rgb = cv2.resize(cv2.imread(str(photo)), (640, 480), interpolation=cv2.INTER_AREA)[:, :, ::-1].copy()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    from lens_ros.model.checkpoint import load_lens_model
+    from lens_ros.model.checkpoint import DTYPES, load_lens_model
+    from lens_ros.model.real_size import REAL_SIZE, build_real_size_model
 
-    model, processor = load_lens_model(args.model, device=args.device, dtype=dtype, allow_download=args.allow_download)
+    if args.model == REAL_SIZE:
+        model, processor = build_real_size_model(dtype=DTYPES[dtype], language_model=True)
+        model.to(args.device)
+    else:
+        model, processor = load_lens_model(args.model, device=args.device, dtype=dtype,
+                                           allow_download=args.allow_download)
     max_new_tokens = args.force_tokens or args.max_new_tokens
     if args.force_tokens:
         model.vlm.generation_config.min_new_tokens = args.force_tokens
@@ -99,29 +111,42 @@ def main(argv: list[str] | None = None) -> int:
         config = PipelineConfig(model=args.model, device=args.device, dtype=dtype, max_new_tokens=max_new_tokens,
                                 backend=backend, export_dir=args.export_dir, compile=compiled)
         pipeline = LensPipeline(model, processor, config)
+        from lens_ros.bench.lens_two_pass import pass_two_ms
+
         for i in range(args.warmup):  # exports graphs / compiles here, not in the timed runs
             pipeline.segment(frame(-i - 10), args.command)
+            pass_two_ms(pipeline, frame(-i - 20), args.command, max_new_tokens)
         new_image = [pipeline.segment(frame(i), args.command).timings for i in range(args.runs)]
         same_image = [pipeline.segment(rgb, args.command).timings for _ in range(args.runs + 1)][1:]
-        # A random tiny model rarely writes a box, so time the mask pass on a given answer as well.
-        import time
-
-        mask_pass = []
-        for i in range(args.runs):
-            prepared = pipeline.prepare_image(frame(i))
-            start = time.perf_counter()
-            pipeline.answer_mask_logits(prepared, args.command, "[64, 48, 320, 240]")
-            mask_pass.append(StageTimings(mask_ms=(time.perf_counter() - start) * 1000))
+        # Random weights rarely write a box (no mask pass then): time the mask pass after an answer of
+        # max_new_tokens tokens as well, and count it in "command -> mask".
+        mask_pass = [pass_two_ms(pipeline, frame(i), args.command, max_new_tokens) for i in range(args.runs)]
         print(f"\n=== {name} (stages: {pipeline.stages.describe()})")
         _report("new image each run", new_image)
         _report("same image (embeddings reused)", same_image)
-        median = statistics.median(t.mask_ms for t in mask_pass)
-        print(f"\nmask pass on a given answer (prompt + answer + queries -> SAM2 -> H x W): median {median:.1f} ms, "
-              f"p10 {_percentile([t.mask_ms for t in mask_pass], 10):.1f}, "
-              f"p90 {_percentile([t.mask_ms for t in mask_pass], 90):.1f}")
+        median = statistics.median(mask_pass)
+        print(f"\nmask pass after a {max_new_tokens}-token answer (prompt + answer + queries -> SAM2 -> H x W): median "
+              f"{median:.1f} ms, p10 {_percentile(mask_pass, 10):.1f}, p90 {_percentile(mask_pass, 90):.1f}")
         medians[name] = {f.name: statistics.median(getattr(t, f.name) for t in new_image) for f in fields(StageTimings)}
-        medians[name]["mask pass (given answer)"] = median
+        medians[name]["mask pass (forced answer)"] = median
+        answered = sum(t.mask_ms > 0 for t in new_image) > len(new_image) / 2
+        medians[name]["command -> mask"] = medians[name]["total_ms"] + (0.0 if answered else median)
         pipeline.close()
+    if args.lens_two_pass:
+        from lens_ros.bench.lens_two_pass import lens_two_pass_ms
+
+        config = PipelineConfig(model=args.model, device=args.device, dtype=dtype, max_new_tokens=max_new_tokens,
+                                overlap_sam_encoder=False)
+        pipeline = LensPipeline(model, processor, config)
+        lens = [lens_two_pass_ms(pipeline, frame(i), args.command, max_new_tokens) for i in range(args.runs)]
+        pipeline.close()
+        total, pass_two = statistics.median(r[0] for r in lens), statistics.median(r[1] for r in lens)
+        print(f"\nLENS's two-pass path (in sequence; pass 2 = vision tower again + full forward with hidden states): "
+              f"median {total:.1f} ms, of which pass 2 {pass_two:.1f} ms; its prompt token differs from this "
+              f"pipeline's mask pass by at most {max(r[2] for r in lens):.1e}")
+        for name, stage in medians.items():
+            print(f"  {name}: command -> mask {stage['command -> mask']:.1f} ms, "
+                  f"speed-up over LENS's path {total / stage['command -> mask']:.2f}x")
     if len(medians) > 1:
         print("\nmedian ms per stage, new image each run")
         names = list(medians)

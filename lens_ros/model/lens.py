@@ -74,17 +74,20 @@ class LensModel(nn.Module):
         per request and handed to both passes."""
         return self.vlm.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
 
-    def mask_pass_inputs(self, sequence_ids: torch.Tensor, attention_mask: torch.Tensor,
-                         image_features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Inputs of the mask pass: the embedded prompt + answer with the image features
-        scattered in, the learnable queries appended (attention 1), and explicit positions."""
-        embed = self.vlm.get_input_embeddings()
-        inputs_embeds = embed(sequence_ids)
+    def sequence_embeds(self, sequence_ids: torch.Tensor, image_features) -> torch.Tensor:
+        """The token embeddings of prompt + answer with the image features scattered in (B, L, D)."""
+        inputs_embeds = self.vlm.get_input_embeddings()(sequence_ids)
         features = torch.cat(tuple(image_features.pooler_output), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         image_mask = (sequence_ids == self.vlm.config.image_token_id).unsqueeze(-1)
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(f"image tokens ({int(image_mask.sum())}) and image features ({features.shape[0]}) differ")
-        inputs_embeds = inputs_embeds.masked_scatter(image_mask.expand_as(inputs_embeds), features)
+        return inputs_embeds.masked_scatter(image_mask.expand_as(inputs_embeds), features)
+
+    def mask_pass_inputs(self, sequence_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         image_features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Inputs of the mask pass: the embedded prompt + answer with the image features
+        scattered in, the learnable queries appended (attention 1), and explicit positions."""
+        inputs_embeds = self.sequence_embeds(sequence_ids, image_features)
         batch = inputs_embeds.shape[0]
         queries = self.learnable_query.to(inputs_embeds.dtype).expand(batch, -1, -1)
         inputs_embeds = torch.cat([inputs_embeds, queries], dim=1)

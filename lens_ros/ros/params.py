@@ -12,7 +12,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 
-from lens_ros.accel import BACKENDS
+from lens_ros.accel import BACKENDS, parse_stage_backends
 from lens_ros.accel.decode import COMPILE_BACKENDS
 from lens_ros.grasp import APPROACHES, GraspConfig
 from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
@@ -37,9 +37,12 @@ class NodeConfig:
     dtype: str = "auto"
     """'auto' (bfloat16 on cuda, float32 on cpu), 'float32', 'bfloat16' or 'float16'."""
     backend: str = "torch"
-    """What runs SAM2's image encoder and the vision tower: 'torch', 'onnxruntime' (ONNX graphs, exported on the first
-    frame of each image size or beforehand with lens-export) or 'tensorrt' (engines built from those graphs, CUDA
-    only); see the README's Acceleration section."""
+    """What runs the stages (SAM2's image encoder and mask decoder, the vision tower, the mask pass): 'torch',
+    'onnxruntime' (ONNX graphs, exported on the first frame of each image size or beforehand with lens-export) or
+    'tensorrt' (engines built from those graphs, CUDA only); see the README's Acceleration section."""
+    stage_backends: str = ""
+    """Per-stage overrides of backend: '<stage>=<backend>,...' with the stages sam_image_encoder, vision_tower,
+    mask_pass, sam_mask_decoder (e.g. 'mask_pass=torch'); '' = every stage on backend."""
     export_dir: str = ""
     """Where the onnxruntime and tensorrt backends keep graphs and engines ('' = ~/.cache/lens_ros/onnx; lens-export
     --out)."""
@@ -154,6 +157,7 @@ class NodeConfig:
         _one_of("frame_policy", self.frame_policy, FRAME_POLICIES)
         _one_of("dtype", self.dtype, ("auto", *DTYPES))
         _one_of("backend", self.backend, BACKENDS)
+        parse_stage_backends(self.stage_backends, what="parameter 'stage_backends'")
         _one_of("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -193,7 +197,7 @@ class NodeConfig:
         return PipelineConfig(model=self.model, device=device, dtype=dtype, allow_download=self.allow_download,
                               cot=self.cot, max_new_tokens=self.max_new_tokens,
                               max_command_chars=self.max_command_chars, backend=self.backend,
-                              export_dir=self.export_dir, compile=self.compile, compile_backend=self.compile_backend,
+                              stage_backends=self.stage_backends, export_dir=self.export_dir, compile=self.compile, compile_backend=self.compile_backend,
                               overlap_sam_encoder=self.overlap_sam_encoder)
 
 
