@@ -162,3 +162,14 @@ def check_plain_text(text: str, control: ControlTokens, what: str = "command") -
     if token is not None:
         raise InvalidInputError(f"{what} contains {token!r}, a control token of the model; {what}s must be plain text")
     return text
+
+
+def parse_image_size(text: str, what: str = "--image-size") -> tuple[int, int]:
+    """``"640x480"`` -> (640, 480); a ValueError (starting with ``what``) otherwise."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{what} must be WIDTHxHEIGHT (e.g. 640x480), got {text!r}") from None
+    if width < 28 or height < 28:
+        raise ValueError(f"{what} must be at least 28x28, got {text!r}")
+    return width, height

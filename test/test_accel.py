@@ -283,26 +283,64 @@ def test_lens_export_refuses_a_bad_image_size(capsys):
 
 
 def test_the_node_runs_the_onnxruntime_backend(scripted_checkpoint, tmp_path):
-    """lens_node with backend:=onnxruntime and stage_backends:=vision_tower=torch over real DDS: it
-    answers (a box, so every stage runs), /diagnostics says which backend runs each stage, and the
-    graphs exported are those of the onnxruntime stages."""
+    """lens_node with backend:=onnxruntime, stage_backends:=vision_tower=torch and warm_up_size:=160x120
+    over real DDS: /diagnostics says which backend runs each stage; before any frame arrives the
+    warm-up exports the onnxruntime stages' graphs, with its progress in /diagnostics and the log;
+    then a command is answered (a box: every stage runs) without exporting anything."""
     pytest.importorskip("rclpy")
     from node_clients import Harness
 
-    harness = Harness(scripted_checkpoint, "/cam_ort", backend="onnxruntime", export_dir=str(tmp_path / "onnx"),
-                      max_new_tokens=40, stage_backends="vision_tower=torch")
+    graphs = tmp_path / "onnx"
+    harness = Harness(scripted_checkpoint, "/cam_ort", backend="onnxruntime", export_dir=str(graphs),
+                      max_new_tokens=40, stage_backends="vision_tower=torch", warm_up_size="160x120")
+
+    def exported():
+        return sorted(p.name for p in graphs.iterdir() if not p.name.startswith(".")) if graphs.is_dir() else []
+
     try:
         harness.wait_state("active")
         assert harness.state()["backend"] == ("sam_image_encoder=onnxruntime, vision_tower=torch, "
                                                 "mask_pass=onnxruntime, sam_mask_decoder=onnxruntime")
+        assert harness.peer.wait_for(lambda: harness.state()["warm_up"].startswith("warm-up done in"), 300), (
+            harness.state()["warm_up"], harness.node.output()[-3000:])
+        assert [name.split("-")[0] for name in exported()] == sorted(set(STAGES) - {export.VISION_TOWER})
+        log = harness.node.output()
+        assert "warm-up at 160x120 (sam_image_encoder=onnxruntime, vision_tower=torch" in log and "warm-up: mask" in log
+        before = exported()
         harness.fresh_frame()
-        answer = harness.command("the cup", timeout=300)  # the first frame of a size exports its graphs
+        answer = harness.command("the cup", timeout=300)
         assert answer.error == "" and answer.found, answer.error
-        assert harness.peer.wait_for(lambda: sorted(
-            p.name.split("-")[0] for p in (tmp_path / "onnx").iterdir() if not p.name.startswith(".")) == sorted(
-            set(STAGES) - {export.VISION_TOWER}), 300)
+        assert exported() == before  # the warm-up made them all
     finally:
         harness.close()
+
+
+def test_warm_up_runs_every_stage_at_the_given_size(tiny_model, tmp_path):
+    """The tiny model writes no box, so the warm-up runs the mask pass on a given answer: every graph
+    is exported, and the first frame of that size exports nothing more."""
+    from lens_ros.accel.warm_up import warm_up
+    from lens_ros.pipeline import LensPipeline, PipelineConfig
+
+    model, processor = tiny_model
+    pipeline = LensPipeline(model, processor, PipelineConfig(model="tiny", max_new_tokens=4, backend="onnxruntime",
+                                                             export_dir=str(tmp_path)))
+    reports = []
+    assert warm_up(pipeline, (160, 120), report=reports.append) > 0
+    assert reports[0].startswith("warm-up at 160x120 (sam_image_encoder=onnxruntime")
+    assert reports[1:-1] == ["warm-up: preparing", "warm-up: reasoning", "warm-up: mask (on a given answer)"]
+    assert reports[-1].startswith("warm-up done in ")
+    assert set(pipeline.stages.used) == set(STAGES)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    pipeline.segment((np.random.default_rng(9).random((120, 160, 3)) * 255).astype(np.uint8), "the cup")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    pipeline.close()
+
+
+def test_a_bad_warm_up_size_is_refused_by_name():
+    from lens_ros.ros.params import NodeConfig
+
+    with pytest.raises(ValueError, match=r"parameter 'warm_up_size' must be WIDTHxHEIGHT \(e.g. 640x480\), got '640'"):
+        NodeConfig(warm_up_size="640")
 
 
 # --- The SAM2 image encoder beside generation (accel.overlap) -------------------------------------------

@@ -23,16 +23,6 @@ EXIT_USAGE = 2
 TOLERANCE = 1e-4  # relative to max(1, |reference|), float32
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"--image-size must be WIDTHxHEIGHT (e.g. 640x480), got {text!r}") from None
-    if width < 28 or height < 28:
-        raise ValueError(f"--image-size must be at least 28x28, got {text!r}")
-    return width, height
-
-
 def load_for_export(source: str, device: str, dtype: str, allow_download: bool):
     """(model, processor) of a checkpoint source, or of ``real-size`` (Qwen2.5-VL-3B's vision tower
     and SAM2 Hiera-L with random weights: lens_ros.model.real_size)."""
@@ -94,6 +84,8 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engines", action="store_true",
                         help="also build the TensorRT engines (needs TensorRT and --device cuda)")
     args = parser.parse_args(argv)
+    from lens_ros.images import parse_image_size
+
     try:
         image_size = parse_image_size(args.image_size)
         if args.engines:  # before a long export: TensorRT and a GPU must be there

@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import wait as wait_futures
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -46,7 +47,7 @@ from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import Header, String
 
 from lens_ros.action import Segment
-from lens_ros.images import InvalidInputError, check_command
+from lens_ros.images import InvalidInputError, check_command, parse_image_size
 from lens_ros.model.checkpoint import ModelUnavailableError
 from lens_ros.msg import Feedback, Segmentation
 from lens_ros.pipeline import Cancelled, SegmentationResult
@@ -136,6 +137,9 @@ class LensNode(LifecycleNode):
         self._counts: Counter = Counter()  # commands_received, goals_rejected, ... (see diagnostics)
         self._counts_lock = threading.Lock()
         self._last_error = ""
+        self._warm_up = ""  # warm-up progress (warm_up_size), shown in /diagnostics
+        self._warm_up_cancel = threading.Event()
+        self._warm_up_future = None
         self._last_latency_ms: dict = {}
         self._goals_in_flight = 0
         self._entities: list = []
@@ -247,8 +251,36 @@ class LensNode(LifecycleNode):
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f"model loaded in {time.monotonic() - start:.1f} s")
         self._scheduler.start()
+        if self.config.warm_up_size:
+            self._start_warm_up(parse_image_size(self.config.warm_up_size))
         self._state = "active"
         return super().on_activate(state)
+
+    def _start_warm_up(self, size: tuple[int, int]) -> None:
+        """Every stage once at the camera's size, on the worker before any command (lens_ros.accel.warm_up):
+        the lifecycle transition returns at once, /diagnostics and the log show the progress."""
+        from lens_ros.accel.warm_up import warm_up
+
+        def report(text: str) -> None:
+            self._warm_up = text
+            self.get_logger().info(text)
+
+        def done(future) -> None:
+            if future.exception() is None:
+                return
+            if isinstance(future.exception(), Cancelled):  # deactivated meanwhile
+                self._warm_up = "cancelled"
+                return
+            self._warm_up = f"failed: {future.exception()}"
+            self._note_error(f"warm-up failed: {future.exception()}")
+            self.get_logger().error(self._last_error)
+
+        self._warm_up_cancel.clear()
+        self._warm_up = "queued"
+        pipeline = self.pipeline
+        self._warm_up_future = self._scheduler.run_on_worker(
+            lambda: warm_up(pipeline, size, report=report, cancel=self._warm_up_cancel), wait=False)
+        self._warm_up_future.add_done_callback(done)
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._state = "deactivating"  # goals are rejected from now on; the scheduler refuses the rest
@@ -285,6 +317,10 @@ class LensNode(LifecycleNode):
 
     def _stop_serving(self, reason: str) -> None:
         self._scheduler.stop(reason)  # returns once the in-flight request has its answer
+        if self._warm_up_future is not None:  # a warm-up still running ends at its next token (an export in
+            self._warm_up_cancel.set()  # progress cannot be interrupted: that one is waited for)
+            wait_futures([self._warm_up_future])
+            self._warm_up_future = None
         self._release_model()
 
     def _release_model(self) -> None:
@@ -545,6 +581,7 @@ class LensNode(LifecycleNode):
             "backend": (", ".join(f"{stage}={name}" for stage, name in self.pipeline.stages.describe().items())
                         if self.pipeline else cfg.backend),
             "state": self._state, "model_loaded": self.pipeline is not None, "busy": self._scheduler.busy,
+            "warm_up": self._warm_up,
             "frames_received": self._sensors.frames_received, "frames_dropped": self._sensors.frames_dropped,
             "depth_received": self._sensors.depth_received,
             "camera_info_received": self._sensors.camera_info_received,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from lens_ros.accel import BACKENDS, parse_stage_backends
 from lens_ros.accel.decode import COMPILE_BACKENDS
 from lens_ros.grasp import APPROACHES, GraspConfig
-from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS
+from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, parse_image_size
 from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
 from lens_ros.ros.scheduler import BUSY_POLICIES
 
@@ -52,6 +52,10 @@ class NodeConfig:
     compile_backend: str = "auto"
     """torch.compile backend of the decode loop: 'auto' (torch_tensorrt on a GPU where installed, else 'inductor'),
     'inductor', 'tensorrt' or 'eager'."""
+    warm_up_size: str = ""
+    """The camera's WIDTHxHEIGHT (e.g. '640x480'): right after activation every stage runs once at that size (graphs
+    exported, TensorRT engines built, the decode loop compiled), with progress in /diagnostics ('warm_up') and the
+    log; commands wait for it. '' = the first frame of each size pays for that instead."""
     overlap_sam_encoder: bool = True
     """Run SAM2's image encoder beside the vision tower and generation (its own CUDA stream) instead of before them."""
     cot: bool = False
@@ -158,6 +162,8 @@ class NodeConfig:
         _one_of("dtype", self.dtype, ("auto", *DTYPES))
         _one_of("backend", self.backend, BACKENDS)
         parse_stage_backends(self.stage_backends, what="parameter 'stage_backends'")
+        if self.warm_up_size:
+            parse_image_size(self.warm_up_size, what="parameter 'warm_up_size'")
         _one_of("compile_backend", self.compile_backend, COMPILE_BACKENDS)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -91,14 +91,15 @@ class RequestScheduler:
             self._stop_reason = None
             self._cond.notify_all()
 
-    def run_on_worker(self, function):
-        """``function()`` run on the worker thread (between requests); its result, or its exception."""
+    def run_on_worker(self, function, wait: bool = True):
+        """``function()`` run on the worker thread (between requests, before any pending one); its
+        result, or its exception; with ``wait=False`` a Future of it, at once."""
         future: Future = Future()
         with self._cond:
             self._ensure_thread()
             self._calls.append((function, future))
             self._cond.notify_all()
-        return future.result()
+        return future.result() if wait else future
 
     def _ensure_thread(self) -> None:  # called with the lock held
         if self._closed:

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU table of the README's Acceleration section, in one command (about 5 minutes on an H100/H200).
+#
+#   bash bench/gpu.sh --prepare    # on a machine with pip and a network: the wheels a GPU machine lacks, into .whl/
+#   bash bench/gpu.sh [OUT_DIR]    # on the GPU machine, from the repository root, .whl/ beside it
+#
+# It runs on the GPU machine's own PyTorch (CUDA; 2.11 + CUDA 13 on the lent H200, not our pin:
+# too big to carry) with only small pure-Python wheels added: sam2 (built without its CUDA
+# extension, which only fills mask holes), hydra-core, omegaconf, antlr4, iopath, and transformers
+# at constraints.txt's version. The model is real size with random weights (Qwen2.5-VL-3B + SAM2
+# Hiera-L, lens_ros.model.real_size) in bfloat16, answers forced to 25 tokens (box-only) and 200
+# (chain of thought): what a command costs does not depend on the weights. Printed per stage for
+# eager and compiled decoding, beside LENS's own two-pass path on the same frames; TensorRT is
+# added where `import tensorrt` works. Everything is built from the repository alone.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+WHEELS=.whl
+pin() { grep -E "^$1==" constraints.txt; }
+
+if [[ "${1:-}" == "--prepare" ]]; then
+    PIP="${PIP:-.venv/bin/pip}"
+    mkdir -p "$WHEELS" .git/info
+    grep -qx "/$WHEELS/" .git/info/exclude 2>/dev/null || echo "/$WHEELS/" >> .git/info/exclude
+    SAM2_BUILD_CUDA=0 "$PIP" wheel -q --no-build-isolation --no-deps -w "$WHEELS" "$(pin sam2)"
+    "$PIP" wheel -q --no-deps -w "$WHEELS" "$(pin hydra-core)" "$(pin omegaconf)" "$(pin antlr4-python3-runtime)" \
+        "$(pin iopath)" "$(pin transformers)"
+    ls -l "$WHEELS"
+    exit 0
+fi
+
+OUT="${1:-${OUT:-bench_gpu_out}}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lens_site "$WHEELS"/*.whl
+export PYTHONPATH="/tmp/lens_site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, transformers, sam2; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
+} | tee "$OUT/machine.txt"
+backends=torch
+if python3 -c "import tensorrt" 2>/dev/null; then backends=torch,tensorrt; fi
+
+bench() {  # real size, bf16, eager and compiled decoding, LENS's two-pass path beside
+    python3 -m lens_ros.bench.pipeline --model real-size --device cuda --dtype bfloat16 --backend "$backends" \
+        --compile --lens-two-pass --export-dir /tmp/lens_engines "$@"
+}
+timeout 200 bench --force-tokens 25 --runs 5 --warmup 2 2>&1 | tee "$OUT/box_only.txt"
+timeout 200 bench --force-tokens 200 --runs 3 --warmup 1 2>&1 | tee "$OUT/cot.txt"
+echo "==> tables in $OUT/box_only.txt and $OUT/cot.txt"
