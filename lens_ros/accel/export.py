@@ -31,7 +31,6 @@ import torch
 from torch import nn
 
 from lens_ros.accel import MASK_PASS, SAM_IMAGE_ENCODER, SAM_MASK_DECODER, VISION_TOWER
-from lens_ros.model.lens import mask_pass_position_ids
 from lens_ros.model.sam import SamImageEmbedding, decode_mask, encode_image
 
 OPSET = 18
@@ -72,20 +71,16 @@ class VisionTowerGraph(nn.Module):
 class MaskPassGraph(nn.Module):
     """The mask pass of one request after its token embedding: inputs_embeds (1, L, D) of prompt +
     answer with the image features scattered in, and its attention mask (1, L) -> the SAM2 prompt
-    token (1, 1, C). The learnable queries are appended and the explicit positions computed inside,
-    exactly as ``LensModel.mask_pass_inputs`` does; the embedding lookup and the scatter stay in torch
-    (a gather, and the vision tower's output is already there)."""
+    token (1, 1, C). The learnable queries are appended and the explicit positions computed inside
+    (``LensModel.with_queries``); the embedding lookup and the scatter stay in torch (a gather, and
+    the vision tower's output is already there)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        queries = model.learnable_query.to(inputs_embeds.dtype).expand(inputs_embeds.shape[0], -1, -1)
-        embeds = torch.cat([inputs_embeds, queries], dim=1)
-        attention = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], model.num_queries)], 1)
-        return model.context_token(model.query_states(embeds, attention, mask_pass_position_ids(attention)))
+        return self.model.context_token(self.model.query_states(*self.model.with_queries(inputs_embeds, attention_mask)))
 
 
 class SamMaskDecoderGraph(nn.Module):

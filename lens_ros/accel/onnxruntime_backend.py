@@ -4,9 +4,11 @@ the mask pass) runs as an ONNX graph.
 Graphs are exported on first use for each input shape (a camera has one; the mask pass's sequence
 length is a dynamic axis) into a cache directory named by ``export_key`` (weights hash, shapes,
 dtype, opset, library versions), or read from ``lens-export``'s output, and reused by every later
-process. Inputs and outputs are bound to
-torch tensors in place (onnxruntime's IO binding over the tensors' memory), so nothing is copied
-on the way in or out, on the CPU as with the CUDA execution provider.
+process. Inputs and outputs are bound to torch tensors in place (onnxruntime's IO binding over
+the tensors' memory), so nothing is copied on the way in or out, on the CPU as with the CUDA
+execution provider. The mask pass's graph starts after the token embedding (a gather, kept in
+torch with the image features' scatter) and holds the whole language model: 12 GB of float32
+weights at real size, beside the graph in one ``.onnx.data`` file.
 """
 
 from __future__ import annotations

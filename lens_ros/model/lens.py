@@ -87,7 +87,12 @@ class LensModel(nn.Module):
                          image_features) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of the mask pass: the embedded prompt + answer with the image features
         scattered in, the learnable queries appended (attention 1), and explicit positions."""
-        inputs_embeds = self.sequence_embeds(sequence_ids, image_features)
+        return self.with_queries(self.sequence_embeds(sequence_ids, image_features), attention_mask)
+
+    def with_queries(self, inputs_embeds: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The learnable queries appended to embedded prompt + answer (attention 1), and the
+        explicit positions of the whole (``mask_pass_position_ids``)."""
         batch = inputs_embeds.shape[0]
         queries = self.learnable_query.to(inputs_embeds.dtype).expand(batch, -1, -1)
         inputs_embeds = torch.cat([inputs_embeds, queries], dim=1)
