@@ -17,7 +17,6 @@ from node_clients import Harness, camera_info_msg
 from lens_ros.ros.harness import NodeProcess, image_msg
 
 rclpy = pytest.importorskip("rclpy")
-from rclpy.action import ActionClient  # noqa: E402
 from rclpy.duration import Duration  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 
@@ -156,7 +155,7 @@ def test_100_images_at_100_hz_while_commands_run(lens):
 
 
 def test_the_action_with_and_without_an_image(lens):
-    client = ActionClient(lens.peer.node, Segment, "/cam_a/segment")
+    client = lens.peer.action_client(Segment, "/cam_a/segment")
     assert client.wait_for_server(timeout_sec=30)
     lens.fresh_frame()
     feedback = []
@@ -187,7 +186,7 @@ def test_a_cancelled_goal_ends_cancelled(tiny_checkpoint):
     harness = Harness(tiny_checkpoint, "/cam_c", frame_policy="next", image_wait_s=60.0)
     try:
         harness.wait_state("active")
-        client = ActionClient(harness.peer.node, Segment, "/cam_c/segment")
+        client = harness.peer.action_client(Segment, "/cam_c/segment")
         assert client.wait_for_server(timeout_sec=30)
         future = client.send_goal_async(Segment.Goal(command="the cup"))
         assert harness.peer.wait_for(future.done, 30) and future.result().accepted

@@ -23,7 +23,6 @@ from lens_ros.ros.harness import image_msg
 rclpy = pytest.importorskip("rclpy")
 from action_msgs.msg import GoalStatus  # noqa: E402
 from lifecycle_msgs.msg import Transition  # noqa: E402
-from rclpy.action import ActionClient  # noqa: E402
 from rclpy.duration import Duration  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from std_msgs.msg import String  # noqa: E402
@@ -131,7 +130,7 @@ def test_with_busy_policy_reject_a_burst_also_gets_one_answer_each(busy):
 
 
 def test_one_hundred_goals_at_once_all_get_a_response_and_a_result(busy):
-    client = ActionClient(busy.peer.node, Segment, "/cam_busy/segment", goal_service_qos_profile=DEEP_QOS,
+    client = busy.peer.action_client(Segment, "/cam_busy/segment", goal_service_qos_profile=DEEP_QOS,
                           result_service_qos_profile=DEEP_QOS, cancel_service_qos_profile=DEEP_QOS)
     try:
         assert client.wait_for_server(timeout_sec=30)
@@ -232,7 +231,7 @@ def test_goals_during_deactivate_are_answered_and_cycles_do_not_grow(tiny_checkp
     flat after the first cycle and memory stays within a bound."""
     harness = Harness(tiny_checkpoint, "/cam_d", max_new_tokens=2)
     # Deep client-side queues too: the responses to a 100 Hz stream of goals come in a burst.
-    client = ActionClient(harness.peer.node, Segment, "/cam_d/segment", goal_service_qos_profile=DEEP_QOS,
+    client = harness.peer.action_client(Segment, "/cam_d/segment", goal_service_qos_profile=DEEP_QOS,
                           result_service_qos_profile=DEEP_QOS)
     try:
         harness.wait_state("active")
@@ -283,7 +282,7 @@ def test_sigint_answers_the_goal_and_the_command_in_flight(tiny_checkpoint):
     """On SIGINT the running goal is aborted with an error result its client receives, and the
     pending topic command gets its Segmentation, before the node exits 0."""
     harness = Harness(tiny_checkpoint, "/cam_s", frame_policy="next", image_wait_s=60.0)
-    client = ActionClient(harness.peer.node, Segment, "/cam_s/segment")
+    client = harness.peer.action_client(Segment, "/cam_s/segment")
     try:
         harness.wait_state("active")
         assert client.wait_for_server(timeout_sec=30)
@@ -372,7 +371,8 @@ def test_the_client_times_out_when_the_node_is_killed(scripted):
     module's node."""
     from lens_ros.ros.client import SegmentClient
 
-    client = SegmentClient(scripted.peer.node, "/cam_x/segment")
+    with scripted.peer.paused():  # the peer spins in a thread of its own (see Peer.paused)
+        client = SegmentClient(scripted.peer.node, "/cam_x/segment")
     scripted.fresh_frame()
     assert client.segment("the cup", timeout_s=30.0).found  # a node that answers: the result comes back
     assert scripted.set_parameter("frame_policy", "next").successful

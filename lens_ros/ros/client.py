@@ -32,7 +32,11 @@ class GoalRejectedError(RuntimeError):
 
 
 class SegmentClient:
-    """Sends language goals to one lens_node and waits for their results with a deadline."""
+    """Sends language goals to one lens_node and waits for their results with a deadline.
+
+    Make it before ``node`` spins in another thread (or while that thread is paused): rclpy adds
+    an ActionClient to its node before the constructor has finished, and an executor spinning
+    meanwhile fails on the half-made client and stops."""
 
     def __init__(self, node, action_name: str = "segment") -> None:
         self.node = node

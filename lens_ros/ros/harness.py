@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -72,13 +73,30 @@ class Peer:
         self.executor.add_node(self.node)
         self.received: dict[str, list] = {}
         self.cond = threading.Condition()
+        self._spin_lock = threading.Lock()  # held by each spin: see action_client
         self._thread = threading.Thread(target=self._spin, daemon=True)
         self._running = True
         self._thread.start()
 
     def _spin(self) -> None:
         while self._running and self.context.ok():
-            self.executor.spin_once(timeout_sec=0.02)
+            with self._spin_lock:
+                self.executor.spin_once(timeout_sec=0.02)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No spin while inside: make action clients here. rclpy adds an ActionClient to its node
+        before the constructor has finished, and an executor spinning meanwhile in another thread
+        then fails on it ("'ActionClient' object has no attribute '_lock'") and stops for good."""
+        with self._spin_lock:
+            yield
+
+    def action_client(self, action_type, name: str, **kwargs):
+        """An ActionClient of this peer's node, made between two spins (see ``paused``)."""
+        from rclpy.action import ActionClient
+
+        with self.paused():
+            return ActionClient(self.node, action_type, name, **kwargs)
 
     def subscribe(self, msg_type, topic: str, qos=10) -> list:
         messages = self.received.setdefault(topic, [])
