@@ -20,7 +20,7 @@ import torch.nn.functional as F
 SAM2_CONFIG = "configs/sam2/sam2_hiera_l.yaml"
 
 # Modules SAM2 needs for video only; LENS deletes them, so checkpoints do not contain them.
-_VIDEO_ONLY_MODULES = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
+VIDEO_ONLY_MODULES = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
 
 # SAM2's input normalisation on the 0-255 scale.
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -81,7 +81,7 @@ class Sam2Spec:
         return cls(config=data.get("config", SAM2_CONFIG), overrides=tuple(overrides))
 
 
-def _check_packaged_config(config: str) -> None:
+def check_packaged_config(config: str) -> None:
     """The config must be a file of the installed sam2 package (Hydra finds it there, never elsewhere)."""
     package = importlib.util.find_spec("sam2")
     locations = list(package.submodule_search_locations or []) if package else []
@@ -92,12 +92,12 @@ def _check_packaged_config(config: str) -> None:
 def build_sam2_for_lens(spec: Sam2Spec = Sam2Spec(), device: str | torch.device = "cpu") -> torch.nn.Module:
     """Build SAM2 exactly as LENS does: ``build_sam2`` with its default post-processing
     (dynamic multimask via stability in eval mode), random weights, video modules removed."""
-    _check_packaged_config(spec.config)
+    check_packaged_config(spec.config)
     from sam2.build_sam import build_sam2  # heavy import (hydra): only when a model is built
 
     sam = build_sam2(spec.config, ckpt_path=None, device=str(device), mode="eval",
                      hydra_overrides_extra=list(spec.overrides), apply_postprocessing=True)
-    for name in _VIDEO_ONLY_MODULES:
+    for name in VIDEO_ONLY_MODULES:
         delattr(sam, name)
     return sam
 

@@ -1,0 +1,254 @@
+"""lens_ros.tracking: the streaming tracker against stock SAM2VideoPredictor, frame by frame.
+
+Exactness: the same preprocessed frames (read back from the stock predictor's own inference state)
+give identical masks, logits and object scores (tolerance 1e-4 on logits; zero differing pixels).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from lens_ros.tracking.models import (
+    SAM2_1_CONFIG,
+    TrackerModelError,
+    build_tracker_architecture,
+    load_tracker_model,
+    read_state_dict,
+    tiny_tracker_spec,
+)
+from lens_ros.tracking.tracker import StreamingTracker
+
+FRAMES, HEIGHT, WIDTH = 32, 480, 640
+
+
+def moving_shapes(n: int = FRAMES):
+    """A red box that moves and turns (object 1), a blue ellipse (object 2), and a grey bar that
+    hides most of the box around frames 18-22. Returns the frames and each object's true masks."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH].astype(np.float32)
+    background = np.stack([xx / WIDTH * 120 + 40, yy / HEIGHT * 120 + 60, (xx + yy) / (HEIGHT + WIDTH) * 80 + 90], -1)
+    background = np.clip(background + rng.normal(0, 12, (HEIGHT, WIDTH, 3)), 0, 255).astype(np.uint8)
+    bar = np.zeros((HEIGHT, WIDTH), bool)
+    bar[:, 250:470] = True
+    frames, masks = [], {1: [], 2: []}
+    for t in range(n):
+        image = background.copy()
+        box = cv2.boxPoints(((120 + 12 * t, 200 + 40 * np.sin(t / 5)), (140, 80), 7.0 * t)).astype(np.int32)
+        first, second = np.zeros((HEIGHT, WIDTH), np.uint8), np.zeros((HEIGHT, WIDTH), np.uint8)
+        cv2.fillPoly(first, [box], 1)
+        cv2.ellipse(second, (int(520 - 8 * t), int(330 - 2 * t)), (60, 40), 3.0 * t, 0, 360, 1, -1)
+        first, second = first > 0, (second > 0) & ~(first > 0)
+        image[second], image[first], image[bar] = (40, 60, 220), (220, 40, 40), (128, 128, 128)
+        frames.append(image)
+        masks[1].append(first & ~bar)
+        masks[2].append(second & ~bar)
+    return frames, masks
+
+
+@pytest.fixture(scope="module")
+def sequence(tmp_path_factory):
+    """The frames, their true masks, and a folder of them as JPEG (sam2's video loader reads JPEG folders)."""
+    from PIL import Image
+
+    frames, masks = moving_shapes()
+    folder = tmp_path_factory.mktemp("frames")
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:05d}.jpg", quality=95)
+    return frames, masks, folder
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(config_extra: tuple[str, ...] = (), seed: int = 0, config: str | None = None):
+    from lens_ros.model.sam import Sam2Spec
+
+    spec = tiny_tracker_spec()
+    spec = Sam2Spec(config=config or spec.config, overrides=spec.overrides + config_extra)
+    return build_tracker_architecture(spec, seed=seed)
+
+
+def _stock_score(state, obj_idx: int, frame: int) -> float:
+    for outputs in (state["temp_output_dict_per_obj"][obj_idx], state["output_dict_per_obj"][obj_idx]):
+        for kind in ("cond_frame_outputs", "non_cond_frame_outputs"):
+            if frame in outputs[kind]:
+                return float(outputs[kind][frame]["object_score_logits"].reshape(-1)[0])
+    raise KeyError(frame)
+
+
+def run_stock(model, folder, prompts: dict[int, list], n: int = FRAMES):
+    """Stock SAM2VideoPredictor driven as a stream: propagate through each prompt frame, add the masks
+    there (a new object, or a correction), go on from the next frame. -> (images, (H, W),
+    {frame: {obj_id: (logits H x W, object score)}})."""
+    state = model.init_state(str(folder))
+    out: dict[int, dict] = {}
+
+    def collect(frame, obj_ids, video_res):
+        out[frame] = {obj_id: (video_res[i, 0].clone(), _stock_score(state, state["obj_id_to_idx"][obj_id], frame))
+                      for i, obj_id in enumerate(obj_ids)}
+
+    start = 0
+    for prompt in [*sorted(prompts), n]:
+        last = min(prompt, n - 1)
+        if state["obj_ids"] and last >= start:
+            for frame, obj_ids, video_res in model.propagate_in_video(state, start_frame_idx=start,
+                                                                       max_frame_num_to_track=last - start):
+                collect(frame, obj_ids, video_res)
+        if prompt >= n:
+            break
+        for obj_id, mask in prompts[prompt]:
+            _, obj_ids, video_res = model.add_new_mask(state, frame_idx=prompt, obj_id=obj_id, mask=mask)
+        collect(prompt, obj_ids, video_res)
+        start = prompt + 1
+    return state["images"], (state["video_height"], state["video_width"]), out
+
+
+def run_streaming(tracker, frames, prompts: dict[int, list], orig_hw, after_frame=None):
+    out = {}
+    for index, frame in enumerate(frames):
+        if index in prompts:
+            if tracker.object_ids:
+                tracker.update(frame, orig_hw=orig_hw)
+            for obj_id, mask in prompts[index]:
+                results = tracker.add_object(obj_id, frame, mask, orig_hw=orig_hw)
+        else:
+            results = tracker.update(frame, orig_hw=orig_hw)
+        out[index] = {obj_id: (tracker.last_logits[obj_id].clone(), score, mask)
+                      for obj_id, (mask, score, _) in results.items()}
+        if after_frame:
+            after_frame(index, tracker)
+    return out
+
+
+def assert_same(stock, ours, objects=None):
+    compared = 0
+    for frame in sorted(set(stock) & set(ours)):
+        for obj_id in objects or sorted(stock[frame]):
+            logits, score = stock[frame][obj_id]
+            our_logits, our_score, our_mask = ours[frame][obj_id]
+            assert float((logits - our_logits).abs().max()) <= 1e-4, (frame, obj_id)
+            assert abs(score - our_score) <= 1e-4, (frame, obj_id)
+            assert np.array_equal((logits > 0).numpy(), our_mask), (frame, obj_id)
+            compared += 1
+    assert compared >= len(stock)
+    # Not a trivial comparison: the random model's masks are neither empty nor everything.
+    areas = [mask.mean() for frame in ours.values() for _, _, mask in frame.values()]
+    assert 0.01 < float(np.median(areas)) < 0.99
+
+
+def test_one_object_is_tracked_exactly_as_stock_sam2_and_memory_stays_bounded(sequence):
+    """32 frames (the box moves, turns and is hidden by a bar), prompted with its mask on frame 0;
+    then 24 more frames: the state stops growing at SAM2's windows."""
+    frames, masks, folder = sequence
+    model = tiny_model()
+    prompts = {0: [(1, masks[1][0])]}
+    images, size, stock = run_stock(model, folder, prompts)
+    tracker = StreamingTracker(model)
+    sizes = {}
+    ours = run_streaming(tracker, [images[i] for i in range(FRAMES)], prompts, size,
+                         after_frame=lambda index, t: sizes.setdefault(index, t.memory_stats()[1]))
+    assert_same(stock, ours)
+    for k in range(24):
+        tracker.update(images[k], orig_hw=size)
+    end = tracker.memory_stats()[1]
+    assert end["bytes"] == sizes[FRAMES - 1]["bytes"] and end["cond_frames"] == [0]
+    assert len(end["non_cond_frames"]) == len(sizes[FRAMES - 1]["non_cond_frames"]) == model.max_obj_ptrs_in_encoder - 1
+    assert len(end["with_maskmem"]) == model.num_maskmem - 1
+
+
+def test_rgb_frames_are_preprocessed_as_sam2s_loader_does(sequence):
+    """The tracker's own preprocessing of decoded frames gives stock's input tensors bit for bit, so
+    RGB frames from a camera track as the stock predictor does."""
+    from PIL import Image
+
+    frames, masks, folder = sequence
+    model = tiny_model()
+    prompts = {0: [(1, masks[1][0])]}
+    images, _, stock = run_stock(model, folder, prompts, n=8)
+    decoded = [np.array(Image.open(folder / f"{i:05d}.jpg").convert("RGB")) for i in range(8)]
+    tracker = StreamingTracker(model)
+    for i in range(8):
+        assert torch.equal(tracker.preprocess(decoded[i])[0], images[i])
+    assert_same(stock, run_streaming(tracker, decoded, prompts, None))
+
+
+def test_two_objects_are_tracked_exactly_and_one_can_stop(sequence):
+    frames, masks, folder = sequence
+    model = tiny_model()
+    prompts = {0: [(1, masks[1][0]), (2, masks[2][0])]}
+    images, size, stock = run_stock(model, folder, prompts)
+    inputs = [images[i] for i in range(FRAMES)]
+    assert_same(stock, run_streaming(StreamingTracker(model), inputs, prompts, size))
+
+    def stop_second(index, tracker):
+        if index == 15:
+            tracker.remove_object(2)
+
+    ours = run_streaming(StreamingTracker(model), inputs, prompts, size, after_frame=stop_second)
+    assert all(2 not in ours[i] for i in range(16, FRAMES))
+    assert_same(stock, ours, objects=[1])  # the other object's track is unchanged
+
+
+def test_late_objects_and_corrections_track_as_stock_sam2_1(sequence):
+    """SAM 2.1's config; object 2 added at frame 5; object 1 corrected with its mask on frames 10, 14
+    and 26 (kept as conditioning frames, at most 2 attended); temporal stride 2; non-overlapping masks."""
+    frames, masks, folder = sequence
+    model = tiny_model(("++model.add_all_frames_to_correct_as_cond=true", "++model.max_cond_frames_in_attn=2",
+                        "++model.memory_temporal_stride_for_eval=2", "++model.non_overlap_masks=true"),
+                       seed=1, config=SAM2_1_CONFIG)
+    prompts = {0: [(1, masks[1][0])], 5: [(2, masks[2][5])], 10: [(1, masks[1][10])], 14: [(1, masks[1][14])],
+               26: [(1, masks[1][26]), (2, masks[2][26])]}
+    images, size, stock = run_stock(model, folder, prompts)
+    tracker = StreamingTracker(model)
+    assert_same(stock, run_streaming(tracker, [images[i] for i in range(FRAMES)], prompts, size))
+    assert tracker.memory_stats()[1]["cond_frames"] == [14, 26]  # the cap: older corrections are dropped
+
+
+def test_a_sam2_without_memory_modules_is_refused():
+    from lens_ros.model.sam import build_sam2_for_lens
+    from lens_ros.model.tiny import TINY_SAM2_SPEC
+
+    with pytest.raises(ValueError, match=r"lacks its video memory modules \['memory_attention', 'memory_encoder', "
+                                         r"'maskmem_tpos_enc'\] \(LENS checkpoints delete them\)"):
+        StreamingTracker(build_sam2_for_lens(TINY_SAM2_SPEC))
+
+
+def test_tracker_weights_load_safely_from_sam2s_release_layout(tmp_path):
+    """A .pt in sam2's layout ({"model": state_dict}) loads with weights_only; a pickle that needs
+    code is refused; a hub id that is not cached offline names the fix."""
+    import pickle
+
+    model = tiny_model()
+    checkpoint = tmp_path / "sam2_tiny.pt"
+    torch.save({"model": model.state_dict()}, checkpoint)
+    loaded = load_tracker_model(str(checkpoint), spec=tiny_tracker_spec()).state_dict()
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this would run on load",))
+
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"model": Payload()}, protocol=2))
+    with pytest.raises(TrackerModelError, match="not a plain tensor checkpoint"):
+        read_state_dict(evil)
+    with pytest.raises(TrackerModelError, match="not in the local Hugging Face cache"):
+        load_tracker_model("facebook/sam2-hiera-large", allow_download=False)
+    with pytest.raises(TrackerModelError, match="neither 'tiny'"):
+        load_tracker_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(TrackerModelError, match="does not fit configs/sam2/sam2_hiera_l.yaml"):
+        load_tracker_model(str(checkpoint))  # tiny weights for the Hiera-L architecture
+
+
+def test_the_tracking_benchmark_prints_a_row_per_size_and_object_count(capsys):
+    from lens_ros.bench.tracking import main
+
+    assert main(["--sizes", "160x120,320x240", "--objects", "1,2", "--frames", "9"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("160x120", "320x240"))]
+    assert [row[:2] for row in rows] == [["160x120", "1"], ["160x120", "2"], ["320x240", "1"], ["320x240", "2"]]
+    assert all(float(value) > 0 for row in rows for value in row[2:])
