@@ -21,6 +21,7 @@ from lens_ros.tracking.models import (
     tiny_tracker_spec,
 )
 from lens_ros.tracking.tracker import StreamingTracker
+from lens_ros.training.metrics import mask_iou
 
 FRAMES, HEIGHT, WIDTH = 32, 480, 640
 
@@ -252,3 +253,104 @@ def test_the_tracking_benchmark_prints_a_row_per_size_and_object_count(capsys):
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith(("160x120", "320x240"))]
     assert [row[:2] for row in rows] == [["160x120", "1"], ["160x120", "2"], ["320x240", "1"], ["320x240", "2"]]
     assert all(float(value) > 0 for row in rows for value in row[2:])
+
+
+# --- TrackingSession: lost, re-acquired, re-grounded -------------------------------------------------
+
+class SteppedClock:
+    """Seconds that advance by ``step`` each time a frame is given to the session."""
+
+    def __init__(self, step: float) -> None:
+        self.now, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def frames(self, frames):
+        for frame in frames:
+            self.now += self.step
+            yield frame
+
+
+@pytest.fixture(scope="module")
+def scripted_pipeline(scripted_checkpoint):
+    from lens_ros.model.checkpoint import load_lens_model
+    from lens_ros.pipeline import LensPipeline, PipelineConfig
+
+    model, processor = load_lens_model(str(scripted_checkpoint))
+    return LensPipeline(model, processor, PipelineConfig(model="scripted", max_new_tokens=40))
+
+
+def test_a_track_without_its_object_is_lost_and_lens_finds_it_again(scripted_pipeline, sequence):
+    """SAM2's object score decides presence. The random tiny tracker cannot see an object leave, so a
+    presence threshold above its scores (~0.06) makes every tracked frame "absent": after lost_frames
+    the track is LOST (empty masks); with reacquire, LENS (the checkpoint scripted to find a box)
+    answers the command again on that frame and the track restarts from its mask: REACQUIRED."""
+    from lens_ros.tracking.session import (
+        LOST,
+        REACQUIRED,
+        TRACKING,
+        TrackingConfig,
+        TrackingSession,
+    )
+
+    frames = sequence[0]
+    clock = SteppedClock(0.5)
+    session = TrackingSession(scripted_pipeline, StreamingTracker(tiny_model()),
+                              TrackingConfig(lost_frames=3, presence_threshold=1.0, reacquire=False), clock)
+    assert session.start(7, "the cup", frames[0]).found and list(session.tracks) == [7]
+    updates = [session.update(frame)[0] for frame in clock.frames(frames[1:6])]
+    assert [u.state for u in updates] == [TRACKING, TRACKING, LOST, LOST, LOST]
+    assert [[e.kind for e in u.events] for u in updates] == [[], [], ["lost"], [], []]
+    assert all(u.area == 0 and u.box is None and not u.present for u in updates[2:]) and updates[0].area > 0
+
+    session = TrackingSession(scripted_pipeline, StreamingTracker(tiny_model()),
+                              TrackingConfig(lost_frames=3, presence_threshold=1.0), clock)
+    session.start(7, "the cup", frames[0])
+    updates = [session.update(frame)[0] for frame in clock.frames(frames[1:4])]
+    assert [u.state for u in updates] == [TRACKING, TRACKING, REACQUIRED]
+    assert [e.kind for e in updates[2].events] == ["lost", "reacquired"] and session.lens_calls == 1
+    assert updates[2].present and updates[2].area > 0  # the restarted track's first mask: LENS's
+    assert [e.kind for e in session.tracks[7].events] == ["lost", "reacquired"]
+    assert [e.kind for e in session.stop_all()] == ["stopped"] and session.tracks == {} and session.tracker.object_ids == []
+
+
+def test_reacquisition_attempts_are_spaced_while_lens_does_not_find_the_object(tiny_pipeline, scripted_pipeline, sequence):
+    """The random tiny model writes no box: every attempt fails, and there is at most one per
+    reacquire_interval_s (1 s, frames 0.5 s apart: every other frame)."""
+    from lens_ros.tracking.session import LOST, TrackingConfig, TrackingSession
+
+    frames = sequence[0]
+    clock = SteppedClock(0.5)
+    session = TrackingSession(tiny_pipeline, StreamingTracker(tiny_model()),
+                              TrackingConfig(lost_frames=1, presence_threshold=1.0, reacquire_interval_s=1.0), clock)
+    session.start(1, "the cup", frames[0], result=scripted_pipeline.segment(frames[0], "the cup"))
+    updates = [session.update(frame)[0] for frame in clock.frames(frames[1:7])]
+    assert all(u.state == LOST for u in updates) and session.lens_calls == 3
+
+
+def test_regrounding_reports_the_drift_and_restarts_a_track_that_drifted(scripted_pipeline, sequence):
+    from lens_ros.tracking.session import TRACKING, TrackingConfig, TrackingSession
+
+    frames = sequence[0]
+    clock = SteppedClock(0.5)
+    session = TrackingSession(scripted_pipeline, StreamingTracker(tiny_model()),
+                              TrackingConfig(reground_s=1.0, drift_iou=0.0, presence_threshold=float("-inf")), clock)
+    session.start(1, "the cup", frames[0])
+    for index, frame in enumerate(clock.frames(frames[1:5]), start=1):
+        (update,) = session.update(frame)
+        drift = [e for e in update.events if e.kind == "drift"]
+        assert update.state == TRACKING and len(drift) == (index % 2 == 0)  # every 1 s: every other frame
+        if drift:  # the IoU between this frame's tracked mask and LENS's fresh one (drift_iou 0: kept)
+            assert drift[0].iou == pytest.approx(mask_iou(update.mask, scripted_pipeline.segment(frame, "the cup").mask))
+
+    session = TrackingSession(scripted_pipeline, StreamingTracker(tiny_model()),
+                              TrackingConfig(reground_s=1.0, drift_iou=1.0, presence_threshold=float("-inf")), clock)
+    session.start(1, "the cup", frames[0])
+    session.update(frames[1])
+    clock.now += 1.0
+    (update,) = session.update(frames[2])
+    fresh = scripted_pipeline.segment(frames[2], "the cup").mask
+    # Restarted from LENS's mask: a prompted frame's output is its mask (at SAM2's resolution).
+    started = StreamingTracker(tiny_model()).add_object(1, frames[2], fresh)[1][0]
+    assert update.events[0].iou < 1.0 and np.array_equal(update.mask, started)
