@@ -354,3 +354,18 @@ def test_regrounding_reports_the_drift_and_restarts_a_track_that_drifted(scripte
     # Restarted from LENS's mask: a prompted frame's output is its mask (at SAM2's resolution).
     started = StreamingTracker(tiny_model()).add_object(1, frames[2], fresh)[1][0]
     assert update.events[0].iou < 1.0 and np.array_equal(update.mask, started)
+
+
+def test_an_image_encoder_shared_with_lens_is_recognised_by_its_weights():
+    from lens_ros.model.sam import build_sam2_for_lens
+    from lens_ros.model.tiny import TINY_SAM2_SPEC
+    from lens_ros.tracking.models import shares_image_encoder
+
+    lens_sam = build_sam2_for_lens(TINY_SAM2_SPEC)
+    tracker = build_tracker_architecture(tiny_tracker_spec(), seed=3)
+    assert not shares_image_encoder(lens_sam, tracker)
+    tracker.image_encoder.load_state_dict(lens_sam.image_encoder.state_dict())
+    assert shares_image_encoder(lens_sam, tracker)
+    with torch.no_grad():
+        tracker.image_encoder.neck.convs[0].conv.bias[0] += 1e-6
+    assert not shares_image_encoder(lens_sam, tracker)

@@ -131,3 +131,16 @@ def load_tracker_model(source: str, device: str = "cpu", allow_download: bool = 
         raise TrackerModelError(f"{path} does not fit {spec.config}: missing {sorted(missing)[:5]}, "
                                 f"unexpected {sorted(unexpected)[:5]}")
     return model.to(device).eval()
+
+
+def image_encoder_sha256(sam) -> str:
+    """A hash of a SAM2's image encoder weights (names, dtypes, shapes, values)."""
+    from lens_ros.accel.export import weights_sha256
+
+    return weights_sha256(dict(sam.image_encoder.state_dict()))
+
+
+def shares_image_encoder(lens_sam, tracker_model) -> bool:
+    """True when the tracker's image encoder is LENS's (LENS keeps SAM 2.0 Hiera-L's frozen): then one
+    image embedding per frame can serve both commands and tracking."""
+    return image_encoder_sha256(lens_sam) == image_encoder_sha256(tracker_model)
