@@ -65,6 +65,7 @@ setup(
             "lens-eval=lens_ros.training.evaluate:eval_main",
             "lens-episodes=lens_ros.episodes:main",
             "lens-export=lens_ros.accel.cli:export_main",
+            "lens-track=lens_ros.tracking.cli:main",
         ],
     },
     zip_safe=False,

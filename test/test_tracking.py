@@ -7,6 +7,7 @@ give identical masks, logits and object scores (tolerance 1e-4 on logits; zero d
 from __future__ import annotations
 
 import functools
+import json
 
 import numpy as np
 import pytest
@@ -369,3 +370,35 @@ def test_an_image_encoder_shared_with_lens_is_recognised_by_its_weights():
     with torch.no_grad():
         tracker.image_encoder.neck.convs[0].conv.bias[0] += 1e-6
     assert not shares_image_encoder(lens_sam, tracker)
+
+
+def test_lens_track_writes_a_mask_a_row_and_an_overlay_per_frame(scripted_checkpoint, sequence, tmp_path, capsys):
+    from PIL import Image
+
+    from lens_ros.tracking.cli import main
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(sequence[0][:6]):
+        Image.fromarray(frame).save(frames / f"{i:03d}.png")
+    out = tmp_path / "out"
+    assert main(["--model", str(scripted_checkpoint), "--tracker-model", "tiny", "--frames", str(frames),
+                 "--command", "the red box", "--max-new-tokens", "40", "--offline", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "tracks.jsonl").read_text().splitlines()]
+    # LENS's scripted box, [40,30,120,90] on its 644x476 input, in this frame's pixels.
+    assert [row["frame"] for row in rows] == list(range(6)) and rows[0]["box"] == pytest.approx([40, 30, 120, 90], rel=0.02)
+    assert all(row["state"] == "tracking" for row in rows)
+    masks = sorted((out / "masks").iterdir())
+    assert len(masks) == 6 and all(np.array(Image.open(m)).shape == (HEIGHT, WIDTH) for m in masks)
+    assert Image.open(out / "overlay.gif").n_frames == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["found_at_frame"] == 0 and summary["frames"] == 6
+    assert "6 frames; object found on frame 0" in capsys.readouterr().out
+
+
+def test_lens_track_refuses_a_folder_without_images(tmp_path, capsys):
+    from lens_ros.tracking.cli import main
+
+    assert main(["--model", "tiny", "--tracker-model", "tiny", "--frames", str(tmp_path), "--command", "x",
+                 "--offline", "--out", str(tmp_path / "out")]) == 2
+    assert "no image files" in capsys.readouterr().err
