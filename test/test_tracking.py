@@ -162,6 +162,23 @@ def test_one_object_is_tracked_exactly_as_stock_sam2_and_memory_stays_bounded(se
     assert len(end["with_maskmem"]) == model.num_maskmem - 1
 
 
+def test_real_size_sam2_hiera_l_tracks_exactly_as_stock(tmp_path):
+    """SAM 2.0 Hiera-L at 1024 (the architecture LENS starts from), random weights, 4 frames: the same
+    logits, scores and masks as stock. About 3 minutes on 2 cores."""
+    from PIL import Image
+
+    from lens_ros.model.sam import Sam2Spec
+
+    frames, masks = moving_shapes(4)
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(tmp_path / f"{i:05d}.jpg", quality=95)
+    model = build_tracker_architecture(Sam2Spec())
+    assert model.image_size == 1024 and model.num_maskmem == 7
+    prompts = {0: [(1, masks[1][0])]}
+    images, size, stock = run_stock(model, tmp_path, prompts, n=4)
+    assert_same(stock, run_streaming(StreamingTracker(model), [images[i] for i in range(4)], prompts, size))
+
+
 def test_rgb_frames_are_preprocessed_as_sam2s_loader_does(sequence):
     """The tracker's own preprocessing of decoded frames gives stock's input tensors bit for bit, so
     RGB frames from a camera track as the stock predictor does."""
