@@ -400,7 +400,8 @@ def test_lens_track_writes_a_mask_a_row_and_an_overlay_per_frame(scripted_checkp
         Image.fromarray(frame).save(frames / f"{i:03d}.png")
     out = tmp_path / "out"
     assert main(["--model", str(scripted_checkpoint), "--tracker-model", "tiny", "--frames", str(frames),
-                 "--command", "the red box", "--max-new-tokens", "40", "--offline", "--out", str(out)]) == 0
+                 "--command", "the red box", "--max-new-tokens", "40", "--offline", "--out", str(out),
+                 "--propagation-decoder", "lens"]) == 0
     rows = [json.loads(line) for line in (out / "tracks.jsonl").read_text().splitlines()]
     # LENS's scripted box, [40,30,120,90] on its 644x476 input, in this frame's pixels.
     assert [row["frame"] for row in rows] == list(range(6)) and rows[0]["box"] == pytest.approx([40, 30, 120, 90], rel=0.02)
@@ -419,3 +420,24 @@ def test_lens_track_refuses_a_folder_without_images(tmp_path, capsys):
     assert main(["--model", "tiny", "--tracker-model", "tiny", "--frames", str(tmp_path), "--command", "x",
                  "--offline", "--out", str(tmp_path / "out")]) == 2
     assert "no image files" in capsys.readouterr().err
+
+
+def test_the_lens_mask_decoder_can_propagate_instead_of_the_stock_one(sequence):
+    from lens_ros.model.sam import build_sam2_for_lens
+    from lens_ros.model.tiny import TINY_SAM2_SPEC
+    from lens_ros.tracking.models import use_lens_mask_decoder
+
+    frames, masks, _ = sequence
+    torch.manual_seed(5)
+    lens_sam = build_sam2_for_lens(TINY_SAM2_SPEC)
+    stock, lens = build_tracker_architecture(tiny_tracker_spec()), build_tracker_architecture(tiny_tracker_spec())
+    use_lens_mask_decoder(lens, lens_sam)
+    for name, tensor in lens_sam.sam_mask_decoder.state_dict().items():
+        assert torch.equal(lens.sam_mask_decoder.state_dict()[name], tensor)
+    outputs = []
+    for model in (stock, lens):
+        tracker = StreamingTracker(model)
+        tracker.add_object(1, frames[0], masks[1][0])
+        tracker.update(frames[1])
+        outputs.append(tracker.last_logits[1])
+    assert not torch.equal(*outputs)  # the decoder that propagates is LENS's

@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracker-model", default="facebook/sam2-hiera-large",
                         help="SAM2 with memory: facebook/sam2-hiera-large (default), facebook/sam2.1-hiera-large, "
                              "a .pt/.safetensors file, or 'tiny'")
+    parser.add_argument("--propagation-decoder", choices=("stock", "lens"), default="stock",
+                        help="the mask decoder that propagates: the tracker model's (stock, default: trained for "
+                             "tracking and presence) or LENS's (lens_ros.tracking.models.PROPAGATION_DECODERS)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--max-frames", type=int, default=10_000)
@@ -93,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         ModelUnavailableError,
     )
     from lens_ros.pipeline import LensPipeline, PipelineConfig
-    from lens_ros.tracking.models import TrackerModelError, load_tracker_model
+    from lens_ros.tracking.models import (
+        TrackerModelError,
+        load_tracker_model,
+        use_lens_mask_decoder,
+    )
     from lens_ros.tracking.session import TrackingConfig, TrackingSession
     from lens_ros.tracking.tracker import StreamingTracker
 
@@ -105,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         pipeline = LensPipeline.from_config(PipelineConfig(
             model=args.model or DEFAULT_MODEL, device=args.device, allow_download=not args.offline,
             max_new_tokens=args.max_new_tokens))
-        tracker = StreamingTracker(load_tracker_model(args.tracker_model, device=args.device,
-                                                      allow_download=not args.offline))
+        tracker_model = load_tracker_model(args.tracker_model, device=args.device, allow_download=not args.offline)
+        if args.propagation_decoder == "lens":
+            use_lens_mask_decoder(tracker_model, pipeline.model.sam)
+        tracker = StreamingTracker(tracker_model)
         session = TrackingSession(pipeline, tracker, config)
         frames = read_frames(args.video, args.frames, args.max_frames)
         gif, rows, found_at = [], [], None

@@ -144,3 +144,17 @@ def shares_image_encoder(lens_sam, tracker_model) -> bool:
     """True when the tracker's image encoder is LENS's (LENS keeps SAM 2.0 Hiera-L's frozen): then one
     image embedding per frame can serve both commands and tracking."""
     return image_encoder_sha256(lens_sam) == image_encoder_sha256(tracker_model)
+
+
+# Which mask decoder propagates a track. Default "stock": SAM2's video training tuned its decoder with
+# memory-conditioned features, the object pointer and the object score (presence) that tracking
+# reads; LENS fine-tuned its decoder on single images with its one prompt token and never trained
+# the object score. "lens" takes LENS's prompt encoder and mask decoder instead (the same
+# architecture): masks closer to LENS's own on the first frames, presence scores untrained.
+PROPAGATION_DECODERS = ("stock", "lens")
+
+
+def use_lens_mask_decoder(tracker_model, lens_sam) -> None:
+    """Make ``tracker_model`` propagate with LENS's prompt encoder and mask decoder (``"lens"``)."""
+    for name in ("sam_prompt_encoder", "sam_mask_decoder"):
+        getattr(tracker_model, name).load_state_dict(getattr(lens_sam, name).state_dict())
