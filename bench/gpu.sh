@@ -11,7 +11,8 @@
 # Hiera-L, lens_ros.model.real_size) in bfloat16, answers forced to 25 tokens (box-only) and 200
 # (chain of thought): what a command costs does not depend on the weights. Printed per stage for
 # eager and compiled decoding, beside LENS's own two-pass path on the same frames; TensorRT is
-# added where `import tensorrt` works. Everything is built from the repository alone.
+# added where `import tensorrt` works. Then the tracker's time per frame (SAM2 Hiera-L, bf16).
+# Everything is built from the repository alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 WHEELS=.whl
@@ -45,4 +46,7 @@ bench() {  # real size, bf16, eager and compiled decoding, LENS's two-pass path 
 }
 timeout 200 bench --force-tokens 25 --runs 5 --warmup 2 2>&1 | tee "$OUT/box_only.txt"
 timeout 200 bench --force-tokens 200 --runs 3 --warmup 1 2>&1 | tee "$OUT/cot.txt"
-echo "==> tables in $OUT/box_only.txt and $OUT/cot.txt"
+# Tracking at camera rate (lens_ros.tracking): SAM2 Hiera-L per frame, 1 and 4 objects, two camera sizes.
+timeout 150 python3 -m lens_ros.bench.tracking --model real-size --device cuda --dtype bfloat16 --frames 40 2>&1 \
+    | tee "$OUT/tracking.txt"
+echo "==> tables in $OUT/box_only.txt, $OUT/cot.txt and $OUT/tracking.txt"
