@@ -203,7 +203,8 @@ class NodeConfig:
         return PipelineConfig(model=self.model, device=device, dtype=dtype, allow_download=self.allow_download,
                               cot=self.cot, max_new_tokens=self.max_new_tokens,
                               max_command_chars=self.max_command_chars, backend=self.backend,
-                              stage_backends=self.stage_backends, export_dir=self.export_dir, compile=self.compile, compile_backend=self.compile_backend,
+                              stage_backends=self.stage_backends, export_dir=self.export_dir, compile=self.compile,
+                              compile_backend=self.compile_backend,
                               overlap_sam_encoder=self.overlap_sam_encoder)
 
 
