@@ -301,3 +301,38 @@ def test_training_leaves_out_expressions_with_control_tokens(tiny_checkpoint, sa
 def test_trl_is_never_told_to_trust_remote_code(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code"):
         LensTrainingConfig(output_dir=str(tmp_path), trust_remote_code=True)
+
+
+def test_two_processes_train_as_one_model_and_write_one_checkpoint(tmp_path):
+    """lens-train under torchrun with 2 CPU processes (DDP over gloo) on the tiny smoke recipe: each
+    rank trains on its own rows, after each of the two GRPO steps (mask loss included) the trainable
+    parameters are identical on both ranks, the checkpoint is written once (rank 0) and it loads and
+    segments. (``accelerate launch --cpu`` starts one process without MPI; torchrun is how CPU DDP runs.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
+                           str(Path(__file__).with_name("ddp_lens_train.py")), str(out)],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logs = {rank: [json.loads(line) for line in (out / "check" / f"rank{rank}.jsonl").read_text().splitlines()]
+            for rank in (0, 1)}
+    steps = [entry for entry in logs[0] if "step" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert all(entry["distributed"] == "DistributedType.MULTI_CPU" for entry in steps)
+    for entry in steps:
+        assert len(entry["all_ranks"]) == 2 and len(set(entry["all_ranks"])) == 1, entry  # the same model
+    assert steps[0]["trainable_sha"] != steps[1]["trainable_sha"]  # and it trained
+    rows = {rank: [entry["sample_ids"] for entry in logs[rank] if "sample_ids" in entry] for rank in (0, 1)}
+    assert rows[0] and rows[0] != rows[1]  # each rank its own shard
+    writes = {rank: [entry["checkpoint_write"] for entry in logs[rank] if "checkpoint_write" in entry] for rank in (0, 1)}
+    assert writes == {0: [str(out / "final")], 1: []}
+    model, processor = load_lens_model(str(out / "final"))
+    result = LensPipeline(model, processor, PipelineConfig(model="ddp", max_new_tokens=4)).segment(
+        (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8), "the cup")
+    assert result.error == "" and result.mask.shape == (64, 80)

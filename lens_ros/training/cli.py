@@ -161,7 +161,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = apply_overrides(read_recipe(args.recipe), args.overrides)
         config, model, specs, allow_download = build_config(recipe)
-        samples = load_data(specs, training=True, work_dir=config.output_dir, seed=config.seed)
+        from accelerate import PartialState  # set up by the config (TrainingArguments)
+
+        # Several processes: the main one first, as a synthetic data set is written into output_dir
+        # (all writing it at once, one read a half-written file).
+        with PartialState().main_process_first():
+            samples = load_data(specs, training=True, work_dir=config.output_dir, seed=config.seed)
         if len(samples) == 0:
             raise RecipeError(f"the data ({', '.join(specs)}) holds no samples")
     except (RecipeError, DataSpecError, FileNotFoundError) as exc:

@@ -13,7 +13,9 @@ hook that carries it (trl 1.16):
   are the rollouts' own masks, like their text.
 * ``compute_loss``: trl's GRPO loss plus the mask loss (BCE + Dice) of every completion with a GT
   mask, recomputed with gradients on the slice being optimised, so that it stays correct when trl
-  reuses a generation batch over several steps (``steps_per_generation``, ``num_iterations``).
+  reuses a generation batch over several steps (``steps_per_generation``, ``num_iterations``). It is
+  computed inside trl's forward of the policy (a forward hook for that call), so that under DDP every
+  parameter is used inside the wrapped forward.
 
 The mask pass is ``LensPipeline.mask_logits``, the inference code itself. SAM2's image encoder is
 frozen: its output is computed once per image of a generation batch without gradients and kept
@@ -34,9 +36,9 @@ Both trainers override ``_save`` so that every checkpoint (``checkpoint-N`` and 
 checkpoint that ``load_lens_model`` reads; trl's model card is skipped (it describes a plain
 transformers model).
 
-Not verified here: more than one process (no multi-GPU run was possible here; under DDP the mask
-pass runs outside the wrapped forward), no DeepSpeed ZeRO-3 (the head's parameters are read outside
-the module forward), no ``resume_from_checkpoint`` (checkpoints are LENS checkpoints, not trl's).
+Several processes: DDP verified on 2 CPU processes (gloo), not on GPUs. Not verified here: FSDP and
+DeepSpeed ZeRO-3 (checkpoints are written from the LensModel's own, unsharded parameters), no
+``resume_from_checkpoint`` (checkpoints are LENS checkpoints, not trl's).
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from PIL import Image
 from torch import nn
 from transformers import Trainer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import FusedCausalLMOutput
 
 from lens_ros import prompts
 from lens_ros.images import InvalidInputError, check_plain_text, control_tokens
@@ -177,6 +180,13 @@ class LensTrainingConfig(GRPOConfig):
         if self.stage == STAGE_CONTEXT_HEAD:
             # GRPO's generation-batch bookkeeping is unused in stage 1; satisfy its divisibility checks.
             self.generation_batch_size, self.steps_per_generation = None, self.num_generations
+        elif self.ddp_find_unused_parameters is None:
+            # DDP: some trainable parameters never get a gradient (SAM2's point and mask prompt paths, its
+            # IoU and object-score heads) and a slice without GT masks has no mask loss; DDP's search for
+            # unused parameters handles both (LensGRPOTrainer.compute_loss puts the mask loss in the
+            # forward's output). transformers would turn it off with gradient checkpointing, which needs
+            # it off only when reentrant (trl's default is not).
+            self.ddp_find_unused_parameters = True
         reward = self.unified_reward()
         if not reward.functions() and self.stage == STAGE_GRPO:
             raise ValueError("every reward weight is 0: GRPO needs at least one reward")
@@ -505,6 +515,14 @@ def _write_checkpoint(lens, processor, args, output_dir) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Stage 2: GRPO + mask loss
 # ---------------------------------------------------------------------------------------------
+@dataclass
+class OutputWithMaskLoss(FusedCausalLMOutput):
+    """trl's policy-forward output plus the mask loss computed in the same forward (a ``ModelOutput``
+    subclass, hence a pytree node, as DDP's handling of the output requires)."""
+
+    mask_loss: torch.Tensor | None = None
+
+
 class LensGRPOTrainer(GRPOTrainer):
     """LENS stage 2 on trl's GRPOTrainer (see the module docstring for what is overridden and why).
 
@@ -603,11 +621,32 @@ class LensGRPOTrainer(GRPOTrainer):
 
     # -- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.args.mask_loss_weight == 0.0:
-            return loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        terms = []
+
+        def mask_loss_in_forward(module, args, output):
+            # trl's forward of the policy computes the mask loss too and returns it with its output. Under
+            # DDP the mask pass is then part of the wrapped forward, and the mask loss an output whose
+            # graph DDP searches for the parameters used: the context head and SAM2 (used by the mask loss
+            # alone) are found. Computed after the forward, they were marked unused, then their gradients
+            # came ("marked as ready twice"). One process: the same computation.
+            if terms:  # the first forward only
+                return None
+            terms.append(self._rollout_mask_loss(inputs))
+            return None if terms[0][0] is None else OutputWithMaskLoss(**output, mask_loss=terms[0][0])
+
+        # On the module inside the DDP wrapper, for this call only (a hook left on the model would follow
+        # it into copies, e.g. _lens_for_saving's).
+        handle = self.accelerator.unwrap_model(model).register_forward_hook(mask_loss_in_forward)
+        try:
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        finally:
+            handle.remove()
+        if not terms:
+            raise RuntimeError("trl computed its loss without a forward of the policy: no mask loss")
         mode = "train" if self.model.training else "eval"
-        total, bce, dice = self._rollout_mask_loss(inputs)
+        total, bce, dice = terms[0]
         if total is None:
             return loss
         self._metrics[mode]["mask_loss"].append(total.item())

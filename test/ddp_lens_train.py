@@ -1,0 +1,77 @@
+"""lens-train under torchrun, instrumented (run by test_trainer.py's DDP test, not collected by pytest).
+
+    torchrun --nproc_per_node 2 test/ddp_lens_train.py OUTPUT_DIR [key=value ...]
+
+Runs ``lens_ros.training.cli.train_main`` on the tiny smoke recipe with ``use_cpu=true`` (gloo).
+After every optimiser step each rank hashes the parameters the trainer optimises and the hashes of
+all ranks are gathered; every checkpoint write is recorded with its rank; each rank's training rows
+are recorded. Everything goes to OUTPUT_DIR/check/rank<N>.jsonl.
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from lens_ros.training import cli
+from lens_ros.training import trainer as training
+
+OUT = sys.argv[1]
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+LOG = os.path.join(OUT, "check")
+os.makedirs(LOG, exist_ok=True)
+
+
+def record(entry: dict) -> None:
+    with open(os.path.join(LOG, f"rank{RANK}.jsonl"), "a") as log:
+        log.write(json.dumps(entry) + "\n")
+
+
+def digest(named) -> str:
+    h = hashlib.sha256()
+    for name, tensor in named:
+        h.update(name.encode())
+        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class SameOnAllRanks(TrainerCallback):
+    def __init__(self, trainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        mine = digest([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        every = [None] * WORLD
+        dist.all_gather_object(every, mine)
+        record({"step": state.global_step, "trainable_sha": mine, "all_ranks": every,
+                "distributed": str(self.trainer.accelerator.distributed_type)})
+
+
+build, write, generate = training.build_trainer, training._write_checkpoint, \
+    training.LensGRPOTrainer._generate_and_score_completions
+
+
+def build_and_watch(*args, **kwargs):
+    trainer = build(*args, **kwargs)
+    trainer.add_callback(SameOnAllRanks(trainer))
+    return trainer
+
+
+def write_and_record(lens, processor, args, output_dir):
+    record({"checkpoint_write": str(output_dir)})
+    return write(lens, processor, args, output_dir)
+
+
+def generate_and_record(self, inputs):
+    record({"sample_ids": [int(row["sample_id"]) for row in inputs]})
+    return generate(self, inputs)
+
+
+training.build_trainer, training._write_checkpoint = build_and_watch, write_and_record
+training.LensGRPOTrainer._generate_and_score_completions = generate_and_record
+overrides = [f"output_dir={OUT}", "use_cpu=true", *sys.argv[2:]]
+sys.exit(cli.train_main(["--recipe", "training/tiny_smoke.yaml", *[x for o in overrides for x in ("--set", o)]]))
