@@ -361,8 +361,13 @@ class EpisodeRecorder:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         utc = datetime.now(timezone.utc).strftime("%Y%m%d_%H%M%S")
+        # The counter goes on past the bags of this second already there (an earlier recorder's, a
+        # restart within the second): names sort in recording order, which readers rely on.
+        stem = f"{self.name_prefix}_{utc}_"
+        taken = [int(p.name[len(stem):]) for p in self.directory.glob(stem + "*") if p.name[len(stem):].isdigit()]
+        self._bag_count = max(self._bag_count, max(taken, default=-1) + 1)
         while True:
-            bag = self.directory / f"{self.name_prefix}_{utc}_{self._bag_count}"
+            bag = self.directory / f"{stem}{self._bag_count}"
             self._bag_count += 1
             if not bag.exists():
                 break

@@ -838,3 +838,32 @@ def test_lens_episodes_console_script(tmp_path):
         pytest.skip("lens-episodes is not installed in this venv yet (make venv installs setup.py's scripts)")
     done = subprocess.run([str(script), "info", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stderr) == (2, f"lens-episodes: error: {tmp_path / 'missing'} does not exist\n")
+
+
+def test_bags_of_a_new_recorder_in_the_same_second_sort_after_the_earlier_ones(tmp_path, monkeypatch):
+    """A recorder started within the same second as another's later bags (a restart) names its bag
+    after theirs, so bags sort, and episodes read, in recording order."""
+    import datetime as real_datetime
+
+    import lens_ros.episodes as episodes_module
+
+    seconds = iter([12, 13, 13, 13, 13, 13])
+
+    class TickingClock(real_datetime.datetime):  # the first bag in second 12, every later one in 13
+        @classmethod
+        def now(cls, tz=None):
+            return real_datetime.datetime(2026, 12, 2, 5, 52, next(seconds), tzinfo=tz)
+
+    monkeypatch.setattr(episodes_module, "datetime", TickingClock)
+    rng = np.random.default_rng(16)
+    episodes = [make_episode(i, rng) for i in range(5)]
+    directory = tmp_path / "episodes"
+    with EpisodeRecorder(directory, max_bag_bytes=1, fsync=False) as first:  # one bag per episode
+        for request_id in range(3):
+            record(first, request_id, serialized(episodes[request_id]))
+    with EpisodeRecorder(directory, fsync=False) as second:  # restarted within second 13
+        for request_id in range(3, 5):
+            record(second, request_id, serialized(episodes[request_id]))
+    assert [bag.name.removeprefix("lens_episodes_20261202_0552") for bag in bag_dirs(directory)] == [
+        "12_0", "13_1", "13_2", "13_3"]
+    assert [e.request_id for e in read_episodes(directory)] == [0, 1, 2, 3, 4]
