@@ -23,14 +23,14 @@ pytestmark = pytest.mark.skipif(not ROS2.exists(), reason=NO_ROS2)
 # The README lines the tests below run as they are written.
 LAUNCH_IN_THE_VENV = (".venv/bin/ros2 launch lens_ros lens.launch.py namespace:=wrist image:=/camera/color/image_raw "
                       "model:=tiny")
-COMMAND = "ros2 topic pub --once /wrist/command std_msgs/msg/String \"{data: 'grab the mug with the chipped handle'}\""
+COMMAND = "ros2 topic pub --once --keep-alive 1 /wrist/command std_msgs/msg/String \"{data: 'grab the mug with the chipped handle'}\""
 ECHO_NO_ARR = "ros2 topic echo --once /wrist/segmentation lens_ros/msg/Segmentation --no-arr"
 ECHO_FIELD = "ros2 topic echo --once /wrist/segmentation lens_ros/msg/Segmentation --field box"
 ACTION = ("ros2 action send_goal --feedback /wrist/segment lens_ros/action/Segment "
           "\"{command: 'the red cup left of the laptop'}\" | grep -v '^ *- [0-9]*$'")
 FEEDBACK = [
-    "ros2 topic pub --once /wrist/feedback lens_ros/msg/Feedback \"{request_id: 42, success: true}\"",
-    "ros2 topic pub --once /wrist/feedback lens_ros/msg/Feedback \"{request_id: 43, success: false, has_box: true, "
+    "ros2 topic pub --once --keep-alive 1 /wrist/feedback lens_ros/msg/Feedback \"{request_id: 42, success: true}\"",
+    "ros2 topic pub --once --keep-alive 1 /wrist/feedback lens_ros/msg/Feedback \"{request_id: 43, success: false, has_box: true, "
     "box: [120, 80, 260, 300], note: 'the other cup'}\"",
 ]
 LIFECYCLE_AND_PARAMETERS = [
