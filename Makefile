@@ -22,7 +22,7 @@ VENV ?= .venv-$(ROS_DISTRO)
 CONSTRAINTS := build/constraints-$(ROS_DISTRO).txt
 # What differs between distros: the ROS side (messages, rclpy, DDS, the node, episode bags).
 TEST_PATHS ?= test/test_interfaces.py test/test_conversions.py test/test_image_messages.py test/test_scheduler.py \
-	test/test_params.py test/test_episodes.py test/test_node.py test/test_node_reliability.py \
+	test/test_params.py test/test_episodes.py test/test_node.py test/test_node_reliability.py test/test_node_tracking.py \
 	test/test_ros2_cli.py test/test_ros2_colcon.py
 endif
 VPY := $(VENV)/bin/python

@@ -71,6 +71,7 @@ TOPIC_CAMERA_INFO = "/lens/camera_info"
 TOPIC_COMMAND = "/lens/command"
 TOPIC_SEGMENTATION = "/lens/segmentation"
 TOPIC_FEEDBACK = "/lens/feedback"
+TOPIC_TRACK = "/lens/track"  # a tracked command's events and periodic states (one-entry lens_ros/Tracks)
 
 # Message type of each topic, in the order the messages of one episode are written (see above).
 TOPIC_TYPES = {
@@ -80,7 +81,11 @@ TOPIC_TYPES = {
     TOPIC_COMMAND: "std_msgs/msg/String",
     TOPIC_SEGMENTATION: "lens_ros/msg/Segmentation",
     TOPIC_FEEDBACK: "lens_ros/msg/Feedback",
+    TOPIC_TRACK: "lens_ros/msg/Tracks",
 }
+# Records about an episode that come after it, attached by request_id: kind -> topic.
+SIDE_RECORDS = {"feedback": TOPIC_FEEDBACK, "track": TOPIC_TRACK}
+SIDE_KINDS = {topic: kind for kind, topic in SIDE_RECORDS.items()}
 
 PACKAGE = "lens_ros"
 ROSBAG2_VERSION = 9  # metadata.yaml version written by Jazzy/Kilted's rosbag2
@@ -214,6 +219,8 @@ class EpisodeRecorder:
         self._episodes_dropped = 0
         self._feedback_written = 0
         self._feedback_dropped = 0
+        self._track_written = 0
+        self._track_dropped = 0
         self._last_error = ""
         self._failing = False  # the most recent write failed
 
@@ -292,6 +299,28 @@ class EpisodeRecorder:
                 self._feedback_written += 1
             else:
                 self._feedback_dropped += 1
+
+    def record_track(self, request_id: int, tracks: bytes, stamp_ns: int | None = None) -> None:
+        """Append the state of a tracked command on one frame (CDR lens_ros/Tracks with that one track:
+        an event, or a periodic state with a thumbnail mask); attached to episode `request_id` like feedback."""
+        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
+        with self._lock:
+            ok = self._write_durably([(TOPIC_TRACK, tracks)], stamp_ns, f"track state of episode {request_id}")
+            self._failing = not ok
+            if ok:
+                self._track_written += 1
+            else:
+                self._track_dropped += 1
+
+    @property
+    def track_written(self) -> int:
+        with self._lock:
+            return self._track_written
+
+    @property
+    def track_dropped(self) -> int:
+        with self._lock:
+            return self._track_dropped
 
     def close(self) -> None:
         """Finish the open bag (MCAP summary + footer, metadata.yaml). Never raises OSError.
@@ -477,7 +506,10 @@ class Episode:
     """One recorded command and its answer, as rosbags message objects (ROS field names).
 
     `image.data` and `segmentation.mask.data` are numpy uint8 arrays; `stamp_ns` is the log
-    time the episode was recorded with; `feedback` holds the Feedback messages about it.
+    time the episode was recorded with; `feedback` holds the Feedback messages about it, `track`
+    (a tracked command) its states over the frames that followed: lens_ros/Tracks messages with
+    one entry each, at its events (lost, reacquired, drift, stopped) and every
+    track_thumbnail_frames frames (with a quarter-size mask in `labels`).
     """
 
     request_id: int
@@ -488,6 +520,7 @@ class Episode:
     depth: Any | None = None
     camera_info: Any | None = None
     feedback: list = field(default_factory=list)
+    track: list = field(default_factory=list)
 
 
 def read_episodes(path) -> Iterator[Episode]:
@@ -508,7 +541,7 @@ def read_episodes(path) -> Iterator[Episode]:
     so that memory holds one episode at a time however large the recording.
     """
     files = _mcap_files(Path(path))
-    feedback_by_episode = _attach_feedback(files)
+    side_records = _attach_feedback(files)
     for file_index, mcap_path in enumerate(files):
         decoder = _DECODER
         episodes = (payload for kind, payload in _episode_items(mcap_path) if kind == "episode")
@@ -518,7 +551,8 @@ def read_episodes(path) -> Iterator[Episode]:
             except Exception as err:  # noqa: BLE001 - a record we cannot decode must not stop a trainer
                 logger.warning("lens_ros episodes: skipping an undecodable episode in %s: %s", mcap_path, err)
                 continue
-            episode.feedback = feedback_by_episode.get((file_index, episode_index), [])
+            for kind, records in side_records.items():
+                setattr(episode, kind, records.get((file_index, episode_index), []))
             yield episode
 
 
@@ -617,8 +651,8 @@ def _group_episodes(messages):
     pending = {}
     for topic, msgtype, msgdef, log_time, data in messages:
         item = (msgtype, msgdef, log_time, data)
-        if topic == TOPIC_FEEDBACK:
-            yield "feedback", item
+        if topic in SIDE_KINDS:
+            yield SIDE_KINDS[topic], item
         elif topic == TOPIC_SEGMENTATION:
             if TOPIC_IMAGE in pending and TOPIC_COMMAND in pending:
                 pending[TOPIC_SEGMENTATION] = item
@@ -710,13 +744,14 @@ def _decode_episode(decoder: _Decoder, parts) -> Episode:
     )
 
 
-def _attach_feedback(files) -> dict[tuple[int, int], list]:
-    """{(file index, episode index in file): [Feedback, ...]} by the rule in `read_episodes`.
+def _attach_feedback(files) -> dict[str, dict[tuple[int, int], list]]:
+    """{kind: {(file index, episode index in file): [message, ...]}} for the kinds of SIDE_RECORDS
+    (feedback, track states), by the rule in `read_episodes`.
 
     Episodes are keyed by position, not request_id, because ids repeat across node restarts.
     """
     episodes_by_id = defaultdict(list)  # request_id -> [(sequence, key)] in reading order
-    feedback = []  # (sequence, message)
+    side = []  # (sequence, kind, message, request_id)
     sequence = 0
     for file_index, mcap_path in enumerate(files):
         decoder = _DECODER
@@ -727,26 +762,33 @@ def _attach_feedback(files) -> dict[tuple[int, int], list]:
             if kind == "episode":
                 episode_index += 1
             try:
-                if kind == "feedback":
-                    feedback.append((sequence, decoder.decode(payload)))
+                if kind in SIDE_RECORDS:
+                    message = decoder.decode(payload)
+                    side.append((sequence, kind, message, _side_request_id(kind, message)))
                     continue
                 request_id = int(decoder.decode(payload[TOPIC_SEGMENTATION]).request_id)
             except Exception as err:  # noqa: BLE001 - same tolerance as read_episodes
                 logger.warning("lens_ros episodes: skipping an undecodable %s in %s: %s", kind, mcap_path, err)
                 continue
             episodes_by_id[request_id].append((sequence, key))
-    attached = defaultdict(list)
-    for sequence, message in feedback:
-        candidates = episodes_by_id.get(int(message.request_id), [])
+    attached = {kind: defaultdict(list) for kind in SIDE_RECORDS}
+    for sequence, kind, message, request_id in side:
+        candidates = episodes_by_id.get(request_id, [])
         before = [key for seq, key in candidates if seq < sequence]
         after = [key for seq, key in candidates if seq > sequence]
         if before:
-            attached[before[-1]].append(message)
+            attached[kind][before[-1]].append(message)
         elif after:
-            attached[after[0]].append(message)
+            attached[kind][after[0]].append(message)
         else:
-            logger.info("lens_ros episodes: feedback for unknown episode %d ignored", message.request_id)
-    return dict(attached)
+            logger.info("lens_ros episodes: %s for unknown episode %d ignored", kind, request_id)
+    return {kind: dict(records) for kind, records in attached.items()}
+
+
+def _side_request_id(kind: str, message) -> int:
+    """The episode a side record is about: Feedback.request_id; a track state's track_id (the
+    request_id of the command that started the track)."""
+    return int(message.request_id if kind == "feedback" else message.tracks[0].track_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -949,7 +991,7 @@ def _count_complete(items) -> tuple[int, int, int]:
             episodes += 1
             messages += len(payload)
         else:
-            feedback += 1
+            feedback += kind == "feedback"
             messages += 1
     return episodes, feedback, messages
 
@@ -997,14 +1039,14 @@ def _copy_complete(source: Path, target: Path) -> tuple[int, int, int]:
         episodes = feedback = kept = 0
         for kind, payload in _group_episodes(stream.messages()):
             _add_new_connections(writer, stream.channels, connections, by_topic)
-            parts = payload.items() if kind == "episode" else [(TOPIC_FEEDBACK, payload)]
+            parts = payload.items() if kind == "episode" else [(SIDE_RECORDS[kind], payload)]
             for topic, (_msgtype, _msgdef, log_time, data) in parts:
                 writer.write(by_topic[topic], log_time, data)
                 kept += 1
             if kind == "episode":
                 episodes += 1
             else:
-                feedback += 1
+                feedback += kind == "feedback"
         _add_new_connections(writer, stream.channels, connections, by_topic)  # topics left empty
         writer.set_custom_data("lens_ros.episodes", str(episodes))
         writer.set_custom_data("lens_ros.repaired", f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} by "

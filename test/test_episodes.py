@@ -37,6 +37,7 @@ from lens_ros.episodes import (
     TOPIC_FEEDBACK,
     TOPIC_IMAGE,
     TOPIC_SEGMENTATION,
+    TOPIC_TRACK,
     TOPIC_TYPES,
     EpisodeRecorder,
     find_msg_dir,
@@ -47,7 +48,7 @@ from lens_ros.episodes import (
     repair,
     repair_bag,
 )
-from lens_ros.msg import Feedback, GraspRegion, Segmentation
+from lens_ros.msg import Feedback, GraspRegion, Segmentation, TrackedObject, Tracks
 
 H, W = 12, 16
 STAMP_SEC = 1_700_000_000
@@ -90,6 +91,13 @@ def make_episode(request_id, rng, with_depth=False, height=H, width=W):
 def make_feedback(request_id, note="right cup", height=H, width=W):
     mask = Image(height=height, width=width, encoding="mono8", step=width, data=bytes(height * width))
     return Feedback(request_id=request_id, success=False, mask=mask, has_box=True, box=[0.0, 1.0, 5.0, 6.0], note=note)
+
+
+def make_track_state(track_id, events=("lost",)):
+    """A tracked command's state on one frame, as lens_node records it (one-entry Tracks, a thumbnail)."""
+    thumbnail = Image(height=2, width=3, encoding="mono8", step=3, data=bytes([0, 255, 255, 0, 0, 255]))
+    return Tracks(tracks=[TrackedObject(track_id=track_id, command="the cup", state="lost", events=list(events),
+                                        box=[1.0, 2.0, 3.0, 4.0], mask_area=3)], labels=thumbnail)
 
 
 def serialized(messages):
@@ -157,6 +165,10 @@ def test_recorded_bag_reads_back_with_rosbags_and_read_episodes(tmp_path):
     for request_id, raw in enumerate(raws):
         record(recorder, request_id, raw, stamp_ns=(STAMP_SEC + request_id) * 10**9)
     recorder.record_feedback(1, raw_feedback, stamp_ns=(STAMP_SEC + 10) * 10**9)
+    track_state = make_track_state(2)
+    raw_track = serialize_message(track_state)
+    recorder.record_track(2, raw_track, stamp_ns=(STAMP_SEC + 11) * 10**9)
+    assert (recorder.track_written, recorder.track_dropped) == (1, 0)
     bag = recorder.bag_path
     recorder.close()
 
@@ -169,9 +181,10 @@ def test_recorded_bag_reads_back_with_rosbags_and_read_episodes(tmp_path):
     # rosbags' own rosbag2 reader (metadata.yaml + indexed MCAP), as `ros2 bag info` sees it.
     sent = {TOPIC_IMAGE: [r["image"] for r in raws], TOPIC_DEPTH: [raws[1]["depth"]],
             TOPIC_CAMERA_INFO: [raws[1]["camera_info"]], TOPIC_COMMAND: [r["command"] for r in raws],
-            TOPIC_SEGMENTATION: [r["segmentation"] for r in raws], TOPIC_FEEDBACK: [raw_feedback]}
+            TOPIC_SEGMENTATION: [r["segmentation"] for r in raws], TOPIC_FEEDBACK: [raw_feedback],
+            TOPIC_TRACK: [raw_track]}
     with Reader(bag) as reader:
-        assert reader.message_count == 3 + 1 + 1 + 3 + 3 + 1
+        assert reader.message_count == 3 + 1 + 1 + 3 + 3 + 1 + 1
         connections = {c.topic: c for c in reader.connections}
         assert set(connections) == set(TOPIC_TYPES)
         for topic, connection in connections.items():
@@ -188,7 +201,7 @@ def test_recorded_bag_reads_back_with_rosbags_and_read_episodes(tmp_path):
     originals = {TOPIC_SEGMENTATION: (Segmentation, [m["segmentation"] for m in episodes]),
                  TOPIC_IMAGE: (Image, [m["image"] for m in episodes]),
                  TOPIC_CAMERA_INFO: (CameraInfo, [episodes[1]["camera_info"]]),
-                 TOPIC_FEEDBACK: (Feedback, [feedback])}
+                 TOPIC_FEEDBACK: (Feedback, [feedback]), TOPIC_TRACK: (Tracks, [track_state])}
     for topic, (msg_class, messages) in originals.items():
         # (through rclpy's own round trip on the expected side: float64 fields like score=0.9 are
         # float32 on the wire)
@@ -213,6 +226,10 @@ def test_recorded_bag_reads_back_with_rosbags_and_read_episodes(tmp_path):
             assert_episode_equals(episode, messages, feedback=[feedback] if episode.request_id == 1 else [])
     note = got[1].feedback[0]
     assert note.has_box is True and list(note.box) == [0.0, 1.0, 5.0, 6.0] and note.mask.width == W
+    assert [len(e.track) for e in got] == [0, 0, 1]  # track states attach to their episode like feedback
+    state = got[2].track[0]
+    assert state.tracks[0].track_id == 2 and list(state.tracks[0].events) == ["lost"]
+    assert bytes(state.labels.data) == bytes([0, 255, 255, 0, 0, 255]) and state.labels.width == 3
 
 
 def test_schemas_decode_with_the_mcap_ros2_decoder(tmp_path):
@@ -690,12 +707,13 @@ def test_repair_keeps_exactly_the_complete_episodes_of_a_damaged_bag(tmp_path):
     with EpisodeRecorder(tmp_path / "bag", fsync=False) as recorder:
         record(recorder, 0, raws[0], stamp_ns=stamps[0])
         recorder.record_feedback(0, serialize_message(feedback), stamp_ns=stamps[0] + 500)
+        recorder.record_track(0, serialize_message(make_track_state(0, ["stopped"])), stamp_ns=stamps[0] + 600)
         record(recorder, 1, raws[1], stamp_ns=stamps[1])
         record(recorder, 2, raws[2], stamp_ns=stamps[2])
         bag = recorder.bag_path
     original = only_mcap(bag)
     _, chunks = chunk_ends(original)
-    assert len(chunks) == 5  # episode 0, feedback, episode 1, episode 2's image, episode 2's rest
+    assert len(chunks) == 6  # episode 0, feedback, track state, episode 1, episode 2's image, episode 2's rest
     cut = sum(chunks[-1]) // 2  # in the middle of the chunk holding episode 2's Segmentation
     damaged = tmp_path / "damaged" / bag.name
     damaged.mkdir(parents=True)
@@ -712,14 +730,15 @@ def test_repair_keeps_exactly_the_complete_episodes_of_a_damaged_bag(tmp_path):
                              "left out 1 message of an unfinished episode")
     assert (damaged / (original.name + ".orig")).read_bytes() == data  # the original, kept as asked
     view = any_reader_view(damaged)
-    assert view["request_ids"] == [0, 1] and view["count"] == 5 + 1 + 3
+    assert view["request_ids"] == [0, 1] and view["count"] == 5 + 1 + 1 + 3
     assert {topic: info[1] for topic, info in view["topics"].items()} == {
         TOPIC_IMAGE: 2, TOPIC_DEPTH: 1, TOPIC_CAMERA_INFO: 1, TOPIC_COMMAND: 2, TOPIC_SEGMENTATION: 2,
-        TOPIC_FEEDBACK: 1}
+        TOPIC_FEEDBACK: 1, TOPIC_TRACK: 1}
     assert view["messages"][TOPIC_IMAGE] == [(stamps[0], raws[0]["image"]), (stamps[1], raws[1]["image"])]
     assert (view["start"], view["end"]) == (stamps[0], stamps[1] + 1)
     got = list(read_episodes(damaged))  # the .orig beside it is not read twice
     assert [e.request_id for e in got] == [0, 1]
+    assert [[list(s.tracks[0].events) for s in e.track] for e in got] == [[["stopped"]], []]
     for episode in got:
         assert_episode_equals(episode, episodes[episode.request_id],
                               feedback=[feedback] if episode.request_id == 0 else [])

@@ -358,7 +358,7 @@ def test_record_dir_records_episodes_with_their_feedback(scripted_checkpoint, tm
         counts = {c.topic: c.msgcount for c in reader.connections}
         types = {c.topic: c.msgtype for c in reader.connections}
     assert counts == {"/lens/image": 2, "/lens/command": 2, "/lens/segmentation": 2, "/lens/depth": 1,
-                      "/lens/camera_info": 1, "/lens/feedback": 2}
+                      "/lens/camera_info": 1, "/lens/feedback": 2, "/lens/track": 0}
     assert all(types[topic] == msgtype for topic, msgtype in TOPIC_TYPES.items())
     episodes = list(read_episodes(record_dir))
     assert [e.command for e in episodes] == ["the red cup", "the blue cup"]

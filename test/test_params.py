@@ -51,8 +51,10 @@ def test_every_number_has_bounds():
         assert low <= getattr(NodeConfig(), name) <= high, name
 
 
-@pytest.mark.parametrize("name", FLOAT_PARAMETERS)
-@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), -1.0, 1e300])
+@pytest.mark.parametrize("name, value", [
+    *((name, value) for name in FLOAT_PARAMETERS for value in (float("inf"), float("-inf"), float("nan"), 1e300, -1e300)),
+    # negative durations, distances, IoUs (presence_threshold is a logit: negative is meaningful)
+    *((name, -1.0) for name in FLOAT_PARAMETERS if NodeConfig.RANGES[name][0] >= 0)])
 def test_no_float_parameter_takes_a_non_finite_or_absurd_value(name, value):
     """inf passed validation once and failed configure half-way. Every float parameter refuses
     these, naming itself."""

@@ -315,3 +315,44 @@ def test_the_recording_queue_is_bounded_by_bytes_and_survives_a_failing_write():
     assert queue.episodes_dropped == 1 and queue.write_errors == 1 and "cannot serialize" in queue.last_write_error
     assert recorder.written == [("episode", 2), ("feedback", 4)]
     assert not queue.feedback(5, b"late")  # closed
+
+
+def test_background_work_runs_between_requests_and_a_request_goes_first():
+    """Tracking frames run on the worker when nothing is pending; a command waits at most for the
+    frame in progress, and stop() waits for that frame too."""
+    order, frame_started, release = [], threading.Event(), threading.Event()
+
+    def frame():
+        order.append("frame")
+        frame_started.set()
+        release.wait(5)
+
+    errors = []
+    scheduler = RequestScheduler(lambda request: order.append(f"request {request.id}") or "ok",
+                                 lambda request, error: error, lambda request, outcome: None, errors.append)
+    scheduler.start()
+    scheduler.set_background(frame)
+    scheduler.wake()
+    assert frame_started.wait(5)
+    request = Request(1)
+    scheduler.submit(request)
+    scheduler.wake()  # a frame arrived meanwhile: the request still goes first
+    time.sleep(0.1)
+    assert order == ["frame"] and not request.done.is_set()  # the frame in progress finishes first
+    release.set()
+    assert request.done.wait(5)
+    deadline = time.monotonic() + 5
+    while len(order) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert order == ["frame", "request 1", "frame"]
+    assert scheduler.stats.last_waited_ms >= 100
+    scheduler.set_background(lambda: 1 / 0)
+    scheduler.wake()
+    deadline = time.monotonic() + 5
+    while scheduler.stats.background_errors == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.stats.background_errors == 1 and "ZeroDivisionError" in errors[0]  # logged; the worker goes on
+    second = Request(2)
+    scheduler.submit(second)
+    assert second.done.wait(5) and order[-1] == "request 2"
+    scheduler.close("done")

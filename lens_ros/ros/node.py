@@ -10,7 +10,9 @@ never block on the model. Every callback is short, so one executor thread receiv
 (action goals wait for their answer as coroutines, not on a thread).
 
 Every command gets exactly one answer: a ``Segmentation`` on ``segmentation`` (topic commands)
-or an action result (``segment`` goals), with ``error`` set when it could not be served. Commands,
+or an action result (``segment`` goals), with ``error`` set when it could not be served. With a
+``tracker_model``, ``track`` goals (and topic commands with ``track_commands``) go on to follow
+their object on every frame: ``lens_ros.ros.tracking`` does that on the same worker. Commands,
 goals and feedback are received over reliable QoS with a history of ``command_queue_depth``, so a
 burst waits in DDS instead of being overwritten; what a policy drops is answered and counted.
 """
@@ -44,12 +46,12 @@ try:
 except ImportError:  # Humble
     from rclpy.qos_event import SubscriptionEventCallbacks
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
-from std_msgs.msg import Header, String
+from std_msgs.msg import Header, String, UInt64
 
-from lens_ros.action import Segment
+from lens_ros.action import Segment, Track
 from lens_ros.images import InvalidInputError, check_command, parse_image_size
 from lens_ros.model.checkpoint import ModelUnavailableError
-from lens_ros.msg import Feedback, Segmentation
+from lens_ros.msg import Feedback, Segmentation, Tracks
 from lens_ros.pipeline import Cancelled, SegmentationResult
 from lens_ros.ros.conversions import (
     ImageConversionError,
@@ -66,6 +68,7 @@ from lens_ros.ros.conversions import (
 from lens_ros.ros.params import NodeConfig, parameter_descriptions
 from lens_ros.ros.scheduler import RequestScheduler, throttled_progress
 from lens_ros.ros.sensors import SensorBuffers, staleness
+from lens_ros.ros.tracking import CANCELLED, NodeTracking, TrackGoal, load_tracker
 
 NODE_NAME = "lens_node"
 # Topic names, relative so that namespaces and remaps place them (one node per camera).
@@ -73,6 +76,7 @@ IMAGE_TOPIC, CAMERA_INFO_TOPIC, DEPTH_TOPIC = "image", "camera_info", "depth"
 COMMAND_TOPIC, FEEDBACK_TOPIC, SEGMENT_ACTION = "command", "feedback", "segment"
 SEGMENTATION_TOPIC, MASK_TOPIC, GRASP_POSE_TOPIC, OVERLAY_TOPIC = "segmentation", "mask", "grasp_pose", "overlay"
 DETECTIONS_TOPIC = "detections"
+TRACK_ACTION, TRACKS_TOPIC, STOP_TRACKING_TOPIC = "track", "tracks", "stop_tracking"
 COMPRESSED_SUFFIX = "/compressed"  # image_transport's name for the compressed form of a topic
 DIAGNOSTICS_TOPIC = "/diagnostics"
 # Images published per answer (mask, overlay) and grasp poses: reliable, a short history.
@@ -114,6 +118,9 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     answer: Segmentation | None = None
     frame: Image | None = None  # the colour image that answered it, for the episode record
+    frame_seq: int = 0  # that frame's number (SensorBuffers), where tracking starts
+    track: bool = False  # go on tracking the object found (track goals, track_commands)
+    track_goal: TrackGoal | None = None  # a track goal's link to its track
 
 
 class LensNode(LifecycleNode):
@@ -143,8 +150,10 @@ class LensNode(LifecycleNode):
         self._last_latency_ms: dict = {}
         self._goals_in_flight = 0
         self._entities: list = []
-        self._action = None
+        self._action = self._track_action = None
+        self._tracking: NodeTracking | None = None  # while active with a tracker_model
         self._segmentation_pub = self._mask_pub = self._grasp_pub = self._overlay_pub = self._detections_pub = None
+        self._tracks_pub = None
         self._diagnostics_pub = None
         self._recording = None  # lens_ros.ros.recording.RecordingQueue while record_dir is set
         self._answer_ready = self.create_guard_condition(lambda: None)
@@ -212,7 +221,7 @@ class LensNode(LifecycleNode):
             frames = (Image, IMAGE_TOPIC)
         sensor_events = SubscriptionEventCallbacks(incompatible_qos=self._on_incompatible_sensor_qos)
         self._entities = [
-            self.create_subscription(*frames, self._sensors.add_frame, image_qos, event_callbacks=sensor_events),
+            self.create_subscription(*frames, self._on_frame, image_qos, event_callbacks=sensor_events),
             self.create_subscription(Image, DEPTH_TOPIC, self._sensors.add_depth, image_qos,
                                      event_callbacks=sensor_events),
             self.create_subscription(CameraInfo, CAMERA_INFO_TOPIC, self._sensors.add_camera_info, image_qos,
@@ -224,6 +233,14 @@ class LensNode(LifecycleNode):
                                     goal_callback=self._on_goal, cancel_callback=lambda _: CancelResponse.ACCEPT,
                                     goal_service_qos_profile=requests,
                                     result_service_qos_profile=requests, cancel_service_qos_profile=requests)
+        if cfg.tracker_model:
+            self._tracks_pub = self.create_lifecycle_publisher(Tracks, TRACKS_TOPIC, IMAGE_RESULT_QOS)
+            self._entities.append(self.create_subscription(UInt64, STOP_TRACKING_TOPIC, self._on_stop_tracking,
+                                                           requests))
+            self._track_action = ActionServer(
+                self, Track, TRACK_ACTION, execute_callback=self._execute_track_goal, goal_callback=self._on_track_goal,
+                cancel_callback=lambda _: CancelResponse.ACCEPT, goal_service_qos_profile=requests,
+                result_service_qos_profile=requests, cancel_service_qos_profile=requests)
         if cfg.record_dir:
             from lens_ros.episodes import EpisodeRecorder
             from lens_ros.ros.recording import RecordingQueue
@@ -250,11 +267,36 @@ class LensNode(LifecycleNode):
             self.get_logger().error(self._last_error)
             return TransitionCallbackReturn.FAILURE
         self.get_logger().info(f"model loaded in {time.monotonic() - start:.1f} s")
+        if self.config.tracker_model and not self._start_tracking():
+            self._release_model()
+            return TransitionCallbackReturn.FAILURE
         self._scheduler.start()
         if self.config.warm_up_size:
             self._start_warm_up(parse_image_size(self.config.warm_up_size))
         self._state = "active"
         return super().on_activate(state)
+
+    def _start_tracking(self) -> bool:
+        """Load the tracker (on the worker) and track every new frame there between commands."""
+        cfg, pipeline = self.config, self.pipeline
+        try:
+            tracker, shared = self._scheduler.run_on_worker(lambda: load_tracker(cfg, pipeline))
+        except Exception as exc:  # e.g. not in the cache offline: the node stays up, inactive
+            self._note_error(f"tracker_model {cfg.tracker_model!r} failed to load: {exc}")
+            self.get_logger().error(self._last_error)
+            return False
+        from lens_ros.tracking.session import TrackingSession
+
+        recording = self._recording
+        self._tracking = NodeTracking(
+            TrackingSession(pipeline, tracker, cfg.tracking_config()), shared, self._sensors, self._geometry_for,
+            self._publish_tracks,
+            (lambda track_id, tracks: recording.track(track_id, serialize_message(tracks))) if recording else None,
+            self._answer_ready.trigger, lambda: self.config, self.get_logger().warning)
+        self._scheduler.set_background(self._tracking.process)
+        self.get_logger().info(f"tracking with {cfg.tracker_model} (image encoder "
+                               f"{'the same weights as' if shared else 'not'} LENS's)")
+        return True
 
     def _start_warm_up(self, size: tuple[int, int]) -> None:
         """Every stage once at the camera's size, on the worker before any command (lens_ros.accel.warm_up):
@@ -316,7 +358,11 @@ class LensNode(LifecycleNode):
         self._destroy_entities()
 
     def _stop_serving(self, reason: str) -> None:
-        self._scheduler.stop(reason)  # returns once the in-flight request has its answer
+        self._scheduler.stop(reason)  # returns once the in-flight request (or tracked frame) is done
+        if self._tracking is not None:  # track goals end with the reason; the tracker's memory goes
+            self._scheduler.set_background(None)
+            self._tracking.end_all(reason)
+            self._tracking = None
         if self._warm_up_future is not None:  # a warm-up still running ends at its next token (an export in
             self._warm_up_cancel.set()  # progress cannot be interrupted: that one is waited for)
             wait_futures([self._warm_up_future])
@@ -344,10 +390,11 @@ class LensNode(LifecycleNode):
             else:
                 self.destroy_subscription(entity)
         self._entities = []
-        if self._action is not None:
-            self._action.destroy()
-            self._action = None
-        for name in ("_segmentation_pub", "_mask_pub", "_grasp_pub", "_overlay_pub", "_detections_pub"):
+        for name in ("_action", "_track_action"):
+            if getattr(self, name) is not None:
+                getattr(self, name).destroy()
+                setattr(self, name, None)
+        for name in ("_segmentation_pub", "_mask_pub", "_grasp_pub", "_overlay_pub", "_detections_pub", "_tracks_pub"):
             if getattr(self, name) is not None:
                 self.destroy_lifecycle_publisher(getattr(self, name))
                 setattr(self, name, None)
@@ -378,13 +425,24 @@ class LensNode(LifecycleNode):
         if self._recording is not None:
             self._recording.feedback(msg.request_id, serialize_message(msg))
 
+    def _on_frame(self, msg) -> None:
+        self._sensors.add_frame(msg)
+        self._scheduler.wake()  # a new frame to track (nothing happens without tracks)
+
     def _on_command(self, msg: String) -> None:
         self._count("commands_received")
         if self._state not in ANSWERING_STATES:
             self._count("commands_ignored")
             self.get_logger().warning(f"command {excerpt(msg.data, 80)} ignored: the node is {self._state}")
             return
-        self._submit(_Request(id=next(self._ids), command=msg.data, received=time.monotonic()))
+        self._submit(_Request(id=next(self._ids), command=msg.data, received=time.monotonic(),
+                              track=self.config.track_commands and self._tracking is not None))
+
+    def _on_stop_tracking(self, msg: UInt64) -> None:
+        tracking = self._tracking
+        if tracking is not None:
+            tracking.request_stop(msg.data)
+            self._scheduler.wake()
 
     def _on_goal(self, goal) -> GoalResponse:
         self._count("goals_received")
@@ -392,6 +450,62 @@ class LensNode(LifecycleNode):
             return GoalResponse.ACCEPT
         self._count("goals_rejected")
         return GoalResponse.REJECT
+
+    def _on_track_goal(self, goal) -> GoalResponse:
+        self._count("goals_received")
+        if self._state == "active" and self._tracking is not None:
+            return GoalResponse.ACCEPT
+        self._count("goals_rejected")
+        return GoalResponse.REJECT
+
+    async def _execute_track_goal(self, goal_handle):
+        """A track goal: answered like a segment goal, then one feedback per tracked frame until the track
+        ends (cancel, stop_tracking, lost unless keep_when_lost, deactivate)."""
+        goal = goal_handle.request
+        track = TrackGoal(keep_when_lost=goal.keep_when_lost)
+        request = _Request(id=next(self._ids), command=goal.command, received=time.monotonic(), from_action=True,
+                           track=True, track_goal=track)
+        self._goals_in_flight += 1
+        try:
+            answer = await self._answer_goal(goal_handle, request)
+            if answer.error or not answer.found:
+                track.ended = track.ended or answer.error or "not found"
+            stop_asked = False
+            while track.ended is None:
+                self._send_track_feedback(goal_handle, track)
+                tracking = self._tracking
+                if goal_handle.is_cancel_requested and not stop_asked and tracking is not None:
+                    tracking.request_stop(request.id, CANCELLED)
+                    self._scheduler.wake()
+                    stop_asked = True
+                await _NextWakeUp()
+            self._send_track_feedback(goal_handle, track)
+            if goal_handle.is_cancel_requested and (track.ended == CANCELLED or request.cancel.is_set()):
+                goal_handle.canceled()
+            elif track.ended == "stopped":
+                goal_handle.succeed()
+            else:
+                goal_handle.abort()
+            return Track.Result(segmentation=answer, reason=track.ended, frames_tracked=track.frames)
+        finally:
+            self._goals_in_flight -= 1
+
+    async def _answer_goal(self, goal_handle, request: _Request) -> Segmentation:
+        """Submit a goal's request and wait (as a coroutine) for its Segmentation; a cancel of the goal
+        cancels the request."""
+        self._submit(request)
+        while request.answer is None and not request.done.is_set():
+            if goal_handle.is_cancel_requested:
+                request.cancel.set()
+            await _NextWakeUp()
+        return request.answer or result_to_segmentation(
+            self._failure(request, "internal error: the answer could not be built"), Header(), request.id)
+
+    @staticmethod
+    def _send_track_feedback(goal_handle, track: TrackGoal) -> None:
+        while track.updates:
+            header, tracked = track.updates.popleft()
+            goal_handle.publish_feedback(Track.Feedback(header=header, track=tracked))
 
     async def _execute_goal(self, goal_handle):
         """A coroutine, so that a goal waiting for its answer holds no executor thread: the executor
@@ -406,13 +520,7 @@ class LensNode(LifecycleNode):
                            progress=progress, from_action=True)
         self._goals_in_flight += 1
         try:
-            self._submit(request)
-            while request.answer is None and not request.done.is_set():
-                if goal_handle.is_cancel_requested:
-                    request.cancel.set()
-                await _NextWakeUp()
-            answer = request.answer or result_to_segmentation(
-                self._failure(request, "internal error: the answer could not be built"), Header(), request.id)
+            answer = await self._answer_goal(goal_handle, request)
             if goal_handle.is_cancel_requested and request.cancel.is_set():
                 goal_handle.canceled()
             elif answer.error:
@@ -463,6 +571,12 @@ class LensNode(LifecycleNode):
             return self._failure(request, str(exc), rgb.shape[:2]), header
         except Cancelled:
             return self._failure(request, request.cancel_reason, rgb.shape[:2]), header
+        if request.track and self._tracking is not None:
+            not_started = self._tracking.start(request.id, rgb, request.frame_seq, result, goal=request.track_goal)
+            if not_started and request.track_goal is not None:
+                request.track_goal.ended = not_started
+            elif not_started and result.found:
+                self.get_logger().warning(f"request {request.id}: no track started: {not_started}")
         if grasp_note:
             result.grasps = [replace(g, reason="; ".join(r for r in (grasp_note, g.reason) if r))
                              for g in result.grasps]
@@ -488,6 +602,7 @@ class LensNode(LifecycleNode):
             which = "no new image" if self._sensors.has_frame else "no image"
             return None, f"{which} received on '{self.resolve_topic_name(IMAGE_TOPIC)}' within {cfg.image_wait_s:g} s"
         problem = staleness(frame, self.get_clock().now().nanoseconds * 1e-9, cfg.max_image_age_s)
+        request.frame_seq = frame.seq
         return (None, problem) if problem else (frame.msg, "")
 
     def _geometry_for(self, header: Header, size_hw: tuple[int, int]):
@@ -557,6 +672,15 @@ class LensNode(LifecycleNode):
                 if best is not None:
                     self._grasp_pub.publish(PoseStamped(header=message.header, pose=best.pose))
 
+    def _publish_tracks(self, tracks: Tracks, mask: Image, grasp: PoseStamped | None) -> None:
+        """One tracked frame (on the worker): its Tracks, the mask of every tracked object, the best 3-D grasp."""
+        if self._tracks_pub is None:
+            return
+        self._tracks_pub.publish(tracks)
+        self._mask_pub.publish(mask)
+        if grasp is not None:
+            self._grasp_pub.publish(grasp)
+
     def _record(self, request: _Request, message: Segmentation) -> None:
         """Queue the episode of a served command (one that had a frame) for the recording thread."""
         if self._recording is None or request.frame is None:
@@ -590,9 +714,19 @@ class LensNode(LifecycleNode):
                                             "image_qos_incompatible")},
             "requests_superseded": scheduled.superseded, "requests_rejected": scheduled.rejected,
             "requests_refused": scheduled.refused, "internal_errors": scheduled.internal_errors + scheduled.delivery_errors,
-            "last_error": self._last_error,
+            "last_error": self._last_error, "last_wait_ms": f"{scheduled.last_waited_ms:.1f}",
             **{f"last_{name}": f"{value:.1f}" for name, value in self._last_latency_ms.items()},
         }
+        tracking = self._tracking
+        if tracking is not None:
+            values.update(tracker_model=cfg.tracker_model, tracks_active=tracking.active,
+                          tracker_image_encoder=("LENS's weights" if tracking.shared_encoder
+                                                 else "its own (weights differ from LENS's): one more encoder pass "
+                                                      "on frames that answer a command"),
+                          frames_tracked=tracking.frames_tracked, tracking_frames_skipped=tracking.frames_skipped,
+                          tracking_bad_frames=tracking.bad_frames, last_track_ms=f"{tracking.last_frame_ms:.1f}",
+                          tracking_lens_calls=tracking.session.lens_calls, tracking_last_error=tracking.last_error,
+                          tracking_errors=scheduled.background_errors)
         recording = self._recording
         if recording is not None:
             recorder = recording.recorder

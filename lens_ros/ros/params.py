@@ -18,6 +18,8 @@ from lens_ros.grasp import APPROACHES, GraspConfig
 from lens_ros.images import DEFAULT_MAX_COMMAND_CHARS, parse_image_size
 from lens_ros.model.checkpoint import DEFAULT_MODEL, DTYPES
 from lens_ros.ros.scheduler import BUSY_POLICIES
+from lens_ros.tracking.models import PROPAGATION_DECODERS
+from lens_ros.tracking.session import TrackingConfig
 
 IMAGE_QOS = ("sensor_data", "reliable")
 IMAGE_TRANSPORTS = ("raw", "compressed")
@@ -114,6 +116,32 @@ class NodeConfig:
     publish_detections: bool = False
     """Also publish every answer as vision_msgs/Detection2DArray on 'detections' (box, score, the command as the
     class id), for tools and nodes that know vision_msgs; needs vision_msgs installed."""
+    tracker_model: str = ""
+    """The SAM2 that tracks goals on every frame ('' = tracking off): 'facebook/sam2-hiera-large' (SAM 2.0, the
+    release LENS started from), 'facebook/sam2.1-hiera-large', a .pt or .safetensors file, or 'tiny' (random, for
+    tests); loaded at activation, from the hub only with allow_download."""
+    track_commands: bool = False
+    """Topic commands also start a track of the object they find (the 'track' action always does)."""
+    propagation_decoder: str = "stock"
+    """Which mask decoder carries a track from frame to frame: 'stock' (the tracker's: SAM2's video training tuned
+    it with memories and object scores) or 'lens' (LENS's fine-tuned decoder; its object scores are untrained)."""
+    max_tracks: int = 4
+    """Most tracks at once (each costs a SAM2 step per frame); a goal beyond them is refused."""
+    lost_frames: int = TrackingConfig.lost_frames
+    """Frames in a row without the object (SAM2's object score) before a track is lost."""
+    presence_threshold: float = TrackingConfig.presence_threshold
+    """SAM2's object score logit above which a tracked object is present (SAM2's own rule: 0)."""
+    reacquire: bool = TrackingConfig.reacquire
+    """Answer a lost track's command again on new frames and restart the track when LENS finds the object."""
+    reacquire_interval_s: float = TrackingConfig.reacquire_interval_s
+    """At most one re-acquisition attempt per lost track in this time (each is a full LENS command)."""
+    reground_s: float = TrackingConfig.reground_s
+    """Answer a tracked command again every this many seconds and report the drift IoU (0 = off)."""
+    drift_iou: float = TrackingConfig.drift_iou
+    """A re-grounded track restarts from LENS's fresh mask when the drift IoU falls below this."""
+    track_thumbnail_frames: int = 30
+    """While episodes are recorded: a tracked object's state, with a quarter-size mask, every this many tracked
+    frames (besides every lost, reacquired, drift and stopped event); 0 = at events only."""
     publish_overlay: bool = False
     """Publish an rgb8 debug image with the mask, box and grasps drawn on 'overlay'."""
     diagnostics_period_s: float = 1.0
@@ -134,13 +162,18 @@ class NodeConfig:
               "grasp_finger_width_m": (0.001, 1.0), "grasp_margin_m": (0.0, 0.5), "grasp_num_candidates": (1, 100),
               "grasp_min_valid_points": (3, 100_000_000), "grasp_min_depth_m": (0.001, 100.0),
               "grasp_max_depth_m": (0.01, 1000.0), "record_max_bag_mb": (1, 10_000_000),
-              "diagnostics_period_s": (0.01, 3600.0), "feedback_period_s": (0.0, 60.0)}
+              "diagnostics_period_s": (0.01, 3600.0), "feedback_period_s": (0.0, 60.0), "max_tracks": (1, 254),
+              "lost_frames": (1, 1_000_000), "presence_threshold": (-1000.0, 1000.0),
+              "reacquire_interval_s": (0.0, 3600.0), "reground_s": (0.0, 86400.0), "drift_iou": (0.0, 1.0),
+              "track_thumbnail_frames": (0, 1_000_000)}
 
     # Parameters that may change while active (the rest need a deactivate/cleanup cycle).
     LIVE = ("cot", "max_new_tokens", "max_command_chars", "max_image_age_s", "image_wait_s", "sync_tolerance_s",
             "frame_policy", "busy_policy", "publish_overlay", "grasps", "grasp_approach", "grasp_max_opening_m",
             "grasp_finger_length_m", "grasp_finger_width_m", "grasp_margin_m", "grasp_num_candidates",
-            "grasp_min_valid_points", "grasp_min_depth_m", "grasp_max_depth_m", "feedback_period_s")
+            "grasp_min_valid_points", "grasp_min_depth_m", "grasp_max_depth_m", "feedback_period_s",
+            "track_commands", "lost_frames", "presence_threshold", "reacquire", "reacquire_interval_s", "reground_s",
+            "drift_iou", "track_thumbnail_frames")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -165,6 +198,9 @@ class NodeConfig:
         if self.warm_up_size:
             parse_image_size(self.warm_up_size, what="parameter 'warm_up_size'")
         _one_of("compile_backend", self.compile_backend, COMPILE_BACKENDS)
+        _one_of("propagation_decoder", self.propagation_decoder, PROPAGATION_DECODERS)
+        if self.track_commands and not self.tracker_model:
+            raise ValueError("parameter 'track_commands' needs a tracker_model (e.g. 'facebook/sam2-hiera-large')")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"parameter 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.model.strip():
@@ -187,6 +223,12 @@ class NodeConfig:
                            margin_m=self.grasp_margin_m, num_candidates=self.grasp_num_candidates,
                            min_valid_points=self.grasp_min_valid_points, min_depth_m=self.grasp_min_depth_m,
                            max_depth_m=self.grasp_max_depth_m, component="box")
+
+    def tracking_config(self) -> TrackingConfig:
+        """The TrackingConfig the tracking parameters describe."""
+        return TrackingConfig(lost_frames=self.lost_frames, presence_threshold=self.presence_threshold,
+                              reacquire=self.reacquire, reacquire_interval_s=self.reacquire_interval_s,
+                              reground_s=self.reground_s, drift_iou=self.drift_iou)
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -33,6 +33,7 @@ class RecordingQueue:
         self._closing = False
         self.episodes_dropped = 0  # did not fit in the queue
         self.feedback_dropped = 0
+        self.track_dropped = 0
         self.write_errors = 0  # the recorder raised something other than an OSError
         self.last_write_error = ""
         self._thread = threading.Thread(target=self._run, name="lens_recorder", daemon=True)
@@ -57,6 +58,13 @@ class RecordingQueue:
         if self._put(len(feedback), self.recorder.record_feedback, request_id, feedback, stamp_ns=time.time_ns()):
             return True
         self.feedback_dropped += 1
+        return False
+
+    def track(self, request_id: int, tracks: bytes) -> bool:
+        """Queue one tracked command's state on a frame (CDR lens_ros/Tracks with that one track)."""
+        if self._put(len(tracks), self.recorder.record_track, request_id, tracks, stamp_ns=time.time_ns()):
+            return True
+        self.track_dropped += 1
         return False
 
     def _put(self, size: int, write, *args, **kwargs) -> bool:

@@ -13,7 +13,11 @@ promise whatever happens:
   it and returns once the worker is idle; ``start`` serves again. The worker thread itself lives
   until ``close``, and ``run_on_worker`` runs other model work (loading) on it: torch gives every
   thread that runs its operators a pool of OpenMP threads of its own, so model work spread over
-  new or different threads made the process's thread count creep up with each lifecycle cycle.
+  new or different threads made the process's thread count creep up with each lifecycle cycle;
+- ``set_background(work)`` gives the worker something to do between requests (tracking a new
+  camera frame): ``wake()`` says there is some, and the worker runs ``work()`` whenever no request
+  or call is pending, so a command waits at most for the one frame in progress
+  (``stats.last_waited_ms``: how long the last served request waited for the worker).
 
 Requests are duck-typed: ``id``, ``cancel`` (threading.Event), ``cancel_reason`` (str) and
 ``done`` (threading.Event, set once the request's answer has been delivered or has failed).
@@ -57,6 +61,8 @@ class SchedulerStats:
     refused: int = 0  # answered with an error: the scheduler was stopped (node not active)
     internal_errors: int = 0  # serving raised; answered with "internal error: ..."
     delivery_errors: int = 0  # answering raised (logged; the request is still marked done)
+    background_errors: int = 0  # the background work raised (logged; it runs again at the next wake-up)
+    last_waited_ms: float = 0.0  # how long the last served request waited for the worker
 
 
 class RequestScheduler:
@@ -79,6 +85,9 @@ class RequestScheduler:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._stop_reason: str | None = "the node is not active"  # None while serving
+        self._background: Callable[[], None] | None = None
+        self._background_wanted = False
+        self._submitted: dict[int, float] = {}  # id(request) -> time.monotonic() at submit
         self.stats = SchedulerStats()
 
     @property
@@ -101,6 +110,18 @@ class RequestScheduler:
             self._cond.notify_all()
         return future.result() if wait else future
 
+    def set_background(self, work: Callable[[], None] | None) -> None:
+        """Run ``work()`` on the worker after each ``wake()`` while no request or call is pending (None: none)."""
+        with self._cond:
+            self._background, self._background_wanted = work, False
+
+    def wake(self) -> None:
+        """There is background work (e.g. a new frame to track); cheap, from any thread."""
+        with self._cond:
+            if self._background is not None and not self._background_wanted:
+                self._background_wanted = True
+                self._cond.notify_all()
+
     def _ensure_thread(self) -> None:  # called with the lock held
         if self._closed:
             raise RuntimeError("the scheduler is closed")
@@ -119,7 +140,9 @@ class RequestScheduler:
                 refusal = f"busy with request {(self._running or self._pending).id} (busy_policy 'reject')"
             else:
                 superseded, self._pending = self._pending, request
+                self._submitted[id(request)] = time.monotonic()
                 if superseded is not None:
+                    self._submitted.pop(id(superseded), None)
                     self.stats.superseded += 1
                 self._cond.notify_all()
         if refusal is not None:
@@ -136,6 +159,8 @@ class RequestScheduler:
             if self._stop_reason is None:
                 self._stop_reason = reason
             pending, self._pending = self._pending, None
+            if pending is not None:
+                self._submitted.pop(id(pending), None)
             if self._running is not None:
                 self._running.cancel_reason = reason
                 self._running.cancel.set()
@@ -165,19 +190,41 @@ class RequestScheduler:
         while True:
             with self._cond:
                 while (self._pending is None or self._stop_reason is not None) and not self._calls \
-                        and not self._closed:
+                        and not self._closed and not self._background_due():
                     self._cond.wait()  # stop() answers a pending request itself
+                background = None
                 if self._calls:
                     call = self._calls.pop(0)
                 elif self._closed:
                     return
-                else:
+                elif self._pending is not None and self._stop_reason is None:
                     call, (request, self._pending) = None, (self._pending, None)
                     self._running = self._in_worker = request
+                    submitted = self._submitted.pop(id(request), None)
+                    if submitted is not None:
+                        self.stats.last_waited_ms = (time.monotonic() - submitted) * 1000
+                else:  # background work: stop() waits for it like for a request
+                    call, background, self._background_wanted = None, self._background, False
+                    self._in_worker = background
             if call is not None:
                 self._call(*call)
+            elif background is not None:
+                self._run_background(background)
             else:
                 self._serve_one(request)
+
+    def _background_due(self) -> bool:  # called with the lock held
+        return self._background is not None and self._background_wanted and self._stop_reason is None
+
+    def _run_background(self, work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - a failing frame must not end the worker
+            self.stats.background_errors += 1
+            self._log_error(f"background work failed: {exc!r}\n{traceback.format_exc()}")
+        with self._cond:
+            self._in_worker = None
+            self._cond.notify_all()
 
     @staticmethod
     def _call(function, future: Future) -> None:

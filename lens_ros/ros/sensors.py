@@ -29,7 +29,8 @@ class Frame:
 
     msg: object  # sensor_msgs/Image
     received: float  # time.monotonic() at arrival
-    used: bool = False  # a command has taken it (a frame replaced unused counts as dropped)
+    used: bool = False  # a command or a track has taken it (a frame replaced unused counts as dropped)
+    seq: int = 0  # 1 for the first frame received, +1 per frame
 
 
 class SensorBuffers:
@@ -49,8 +50,8 @@ class SensorBuffers:
         with self._cond:
             if self._newest is not None and not self._newest.used:
                 self.frames_dropped += 1
-            self._newest = Frame(msg, time.monotonic())
             self.frames_received += 1
+            self._newest = Frame(msg, time.monotonic(), seq=self.frames_received)
             self._cond.notify_all()
 
     def add_depth(self, msg) -> None:
@@ -78,6 +79,14 @@ class SensorBuffers:
                     break
                 self._cond.wait(min(left, 0.05))  # short slices: a cancel notifies nobody
             if cancelled() or not ready():
+                return None
+            self._newest.used = True
+            return self._newest
+
+    def newest_after(self, seq: int) -> Frame | None:
+        """The newest frame if it came after frame number ``seq`` (marked used), else None; never waits."""
+        with self._cond:
+            if self._newest is None or self._newest.seq <= seq:
                 return None
             self._newest.used = True
             return self._newest
