@@ -120,6 +120,8 @@ def test_a_tracked_command_gives_one_tracks_message_per_processed_frame(tracking
     assert tracking.peer.wait_for(lambda: any(stamp_of(m) == stamp_of(first[-1]) for m in tracking.masks), 10)
     assert tracking.peer.wait_for(lambda: int((tracking.state() or {}).get("frames_tracked", 0)) >= len(first), 10)
     assert int(tracking.state()["tracks_active"]) == 1
+    # The tiny tracker's random image encoder is not LENS's: each has its own pass, and diagnostics say so.
+    assert tracking.state()["tracker_image_encoder"].startswith("its own: the tracker's image encoder weights differ")
     stop(tracking, 0)
     assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
 
@@ -173,6 +175,24 @@ def test_bad_frames_are_counted_and_skipped_and_the_track_survives(tracking):
     after = wait_tracks(tracking, lambda m: [t.track_id for t in m.tracks] == [answer.request_id], count=5)
     assert all(stamp_of(m) in tracking.camera.sent for m in after)
     assert "step 7" in tracking.state()["tracking_last_error"]
+    stop(tracking, 0)
+    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+
+
+def test_two_thousand_frames_keep_memory_flat_and_no_backlog(tracking):
+    """A long stream: the node's RSS stays flat (SAM2's memory is bounded, nothing queues) and the
+    newest tracked frame stays within a few frames of the newest one sent."""
+    answer = tracking.command("the red square")
+    wait_tracks(tracking, lambda m: len(m.tracks) == 1, count=30)
+    start, rss = tracking.camera.index, []
+    while tracking.camera.index - start < 2000:
+        time.sleep(1.0)
+        rss.append(tracking.node.rss_mb())
+    last = wait_tracks(tracking, lambda m: len(m.tracks) == 1, count=1)[0]
+    assert tracking.camera.sent[stamp_of(last)] >= tracking.camera.index - 10  # tracked: (one of) the newest
+    assert [t.track_id for t in last.tracks] == [answer.request_id]
+    settled = rss[len(rss) // 4:]  # after the allocator's warm-up
+    assert max(settled) - settled[0] < 40, rss
     stop(tracking, 0)
     assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
 

@@ -389,6 +389,46 @@ def test_an_image_encoder_shared_with_lens_is_recognised_by_its_weights():
     assert not shares_image_encoder(lens_sam, tracker)
 
 
+def test_a_shared_image_encoder_runs_once_per_frame_for_lens_and_the_tracker(scripted_checkpoint, sequence):
+    """With the tracker's image encoder weights equal to LENS's, a frame that answers a command and is
+    tracked (start, re-grounding) is encoded once (counted); LENS's answers are those of a pipeline
+    that does not share."""
+    from lens_ros.model.checkpoint import load_lens_model
+    from lens_ros.pipeline import LensPipeline, PipelineConfig
+    from lens_ros.tracking.session import TrackingConfig, TrackingSession
+    from lens_ros.tracking.shared_encoder import share_image_encoder
+
+    frames = sequence[0][:5]
+
+    def run(share: bool):
+        model, processor = load_lens_model(str(scripted_checkpoint))
+        pipeline = LensPipeline(model, processor, PipelineConfig(model="scripted", max_new_tokens=40))
+        tracker = StreamingTracker(tiny_model())
+        if share:
+            assert "weights differ" in share_image_encoder(pipeline, tracker)
+            tracker.model.image_encoder.load_state_dict(model.sam.image_encoder.state_dict())
+            assert share_image_encoder(pipeline, tracker) == ""
+        passes = []
+        for encoder in {id(m): m for m in (model.sam.image_encoder, tracker.model.image_encoder)}.values():
+            encoder.register_forward_hook(lambda *_: passes.append(1))
+        clock = SteppedClock(1.0)
+        session = TrackingSession(pipeline, tracker, TrackingConfig(reground_s=2.0, drift_iou=0.0), clock)
+        answers = [session.start(1, "the cup", frames[0])]
+        updates = [session.update(frame)[0] for frame in clock.frames(frames[1:])]
+        answers.append(pipeline.segment(frames[-1], "the cup"))  # a command on the newest tracked frame
+        pipeline.close()
+        return len(passes), answers, updates
+
+    passes, answers, updates = run(share=True)
+    assert [e.kind for u in updates for e in u.events] == ["drift", "drift"]  # LENS answered on frames 2 and 4
+    assert passes == len(frames)  # one pass per frame
+    unshared_passes, unshared_answers, _ = run(share=False)
+    # LENS's own passes on the start and both re-groundings (the last command reuses its prepared frame 4)
+    assert unshared_passes == len(frames) + 1 + 2
+    for ours, theirs in zip(answers, unshared_answers):
+        assert np.array_equal(ours.mask, theirs.mask) and ours.box == theirs.box and ours.score == theirs.score
+
+
 def test_lens_track_writes_a_mask_a_row_and_an_overlay_per_frame(scripted_checkpoint, sequence, tmp_path, capsys):
     from PIL import Image
 

@@ -280,7 +280,7 @@ class LensNode(LifecycleNode):
         """Load the tracker (on the worker) and track every new frame there between commands."""
         cfg, pipeline = self.config, self.pipeline
         try:
-            tracker, shared = self._scheduler.run_on_worker(lambda: load_tracker(cfg, pipeline))
+            tracker, not_shared = self._scheduler.run_on_worker(lambda: load_tracker(cfg, pipeline))
         except Exception as exc:  # e.g. not in the cache offline: the node stays up, inactive
             self._note_error(f"tracker_model {cfg.tracker_model!r} failed to load: {exc}")
             self.get_logger().error(self._last_error)
@@ -289,13 +289,13 @@ class LensNode(LifecycleNode):
 
         recording = self._recording
         self._tracking = NodeTracking(
-            TrackingSession(pipeline, tracker, cfg.tracking_config()), shared, self._sensors, self._geometry_for,
+            TrackingSession(pipeline, tracker, cfg.tracking_config()), not_shared, self._sensors, self._geometry_for,
             self._publish_tracks,
             (lambda track_id, tracks: recording.track(track_id, serialize_message(tracks))) if recording else None,
             self._answer_ready.trigger, lambda: self.config, self.get_logger().warning)
         self._scheduler.set_background(self._tracking.process)
-        self.get_logger().info(f"tracking with {cfg.tracker_model} (image encoder "
-                               f"{'the same weights as' if shared else 'not'} LENS's)")
+        self.get_logger().info(f"tracking with {cfg.tracker_model}: " + (
+            f"its own image encoder pass ({not_shared})" if not_shared else "one image encoder pass per frame with LENS"))
         return True
 
     def _start_warm_up(self, size: tuple[int, int]) -> None:
@@ -720,9 +720,9 @@ class LensNode(LifecycleNode):
         tracking = self._tracking
         if tracking is not None:
             values.update(tracker_model=cfg.tracker_model, tracks_active=tracking.active,
-                          tracker_image_encoder=("LENS's weights" if tracking.shared_encoder
-                                                 else "its own (weights differ from LENS's): one more encoder pass "
-                                                      "on frames that answer a command"),
+                          tracker_image_encoder=(f"its own: {tracking.not_shared}; frames that also answer a "
+                                                 f"command are encoded twice" if tracking.not_shared
+                                                 else "shared with LENS: one pass per frame"),
                           frames_tracked=tracking.frames_tracked, tracking_frames_skipped=tracking.frames_skipped,
                           tracking_bad_frames=tracking.bad_frames, last_track_ms=f"{tracking.last_frame_ms:.1f}",
                           tracking_lens_calls=tracking.session.lens_calls, tracking_last_error=tracking.last_error,

@@ -64,15 +64,18 @@ class _Started:
 
 
 def load_tracker(cfg, pipeline):
-    """The StreamingTracker of ``cfg.tracker_model`` for ``pipeline``'s LENS, and whether the two
-    image encoders are the same weights (reported in /diagnostics). Runs on the worker."""
-    from lens_ros.tracking.models import load_tracker_model, shares_image_encoder, use_lens_mask_decoder
+    """The StreamingTracker of ``cfg.tracker_model`` for ``pipeline``'s LENS, sharing its image encoder
+    pass when the weights are the same; and why it does not share ("" when it does: reported in
+    /diagnostics). Runs on the worker."""
+    from lens_ros.tracking.models import load_tracker_model, use_lens_mask_decoder
+    from lens_ros.tracking.shared_encoder import share_image_encoder
     from lens_ros.tracking.tracker import StreamingTracker
 
     model = load_tracker_model(cfg.tracker_model, device=str(pipeline.device), allow_download=cfg.allow_download)
     if cfg.propagation_decoder == "lens":
         use_lens_mask_decoder(model, pipeline.model.sam)
-    return StreamingTracker(model), shares_image_encoder(pipeline.model.sam, model)
+    tracker = StreamingTracker(model)
+    return tracker, share_image_encoder(pipeline, tracker)
 
 
 class NodeTracking:
@@ -84,9 +87,10 @@ class NodeTracking:
     the node's current NodeConfig (live parameters apply from the next frame).
     """
 
-    def __init__(self, session, shared_encoder: bool, sensors, geometry, publish, record, notify, config,
+    def __init__(self, session, not_shared: str, sensors, geometry, publish, record, notify, config,
                  log_warning) -> None:
-        self.session, self.shared_encoder = session, shared_encoder
+        self.session = session
+        self.not_shared = not_shared  # why the tracker has an image encoder pass of its own ("": shared with LENS)
         self._sensors, self._geometry, self._publish, self._record = sensors, geometry, publish, record
         self._notify, self._config, self._warn = notify, config, log_warning
         self._started: dict[int, _Started] = {}

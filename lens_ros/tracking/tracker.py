@@ -50,11 +50,10 @@ Result = tuple[np.ndarray, float, bool]
 
 
 class _Track:
-    __slots__ = ("obj_id", "output_dict", "pred_masks", "score", "start_frame", "cond_overflow")
+    __slots__ = ("obj_id", "output_dict", "pred_masks", "score", "cond_overflow")
 
-    def __init__(self, obj_id: int, start_frame: int):
+    def __init__(self, obj_id: int):
         self.obj_id = obj_id
-        self.start_frame = start_frame
         self.cond_overflow = False  # whether cond frames beyond max_cond_frames_in_attn were dropped
         # same layout as SAM2VideoPredictor's output_dict_per_obj[obj_idx]
         self.output_dict = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
@@ -103,7 +102,15 @@ class StreamingTracker:
         self.device = sam_model.device
         self._mean = torch.tensor(img_mean, dtype=torch.float32)[:, None, None]
         self._std = torch.tensor(img_std, dtype=torch.float32)[:, None, None]
+        self._image_encoder = None  # see use_image_encoder
+        self._pixels = None
         self.reset()
+
+    def use_image_encoder(self, image_encoder, pixels) -> None:
+        """Take SAM2's raw image-encoder output from ``image_encoder(batch)`` (e.g. a
+        ``lens_ros.tracking.shared_encoder.SharedImageEncoder``) and make RGB frames into pixels with
+        ``pixels(rgb) -> (3, S, S)``; this model's own ``conv_s0``/``conv_s1`` are still applied."""
+        self._image_encoder, self._pixels = image_encoder, pixels
 
     # ------------------------------------------------------------------ public API
     def reset(self) -> None:
@@ -138,7 +145,7 @@ class StreamingTracker:
         track = self._tracks.get(obj_id)
         is_init_cond_frame = track is None  # as add_new_mask: a frame never tracked for this object
         if track is None:
-            track = self._tracks[obj_id] = _Track(obj_id, f)
+            track = self._tracks[obj_id] = _Track(obj_id)
         mask_inputs = self._mask_to_input(mask)
         is_cond = is_init_cond_frame or self.add_all_frames_to_correct_as_cond
         vf, vp, fs = self._feats
@@ -216,6 +223,9 @@ class StreamingTracker:
             if img.shape != (3, self.image_size, self.image_size):
                 raise ValueError(f"preprocessed frame must be (3,{self.image_size},{self.image_size})")
             return img, None
+        if self._pixels is not None:
+            rgb = np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame)
+            return self._pixels(rgb).float(), rgb.shape[:2]
         pil = frame if isinstance(frame, Image.Image) else Image.fromarray(np.asarray(frame))
         width, height = pil.size
         img_np = np.array(pil.convert("RGB").resize((self.image_size, self.image_size)))
@@ -245,11 +255,23 @@ class StreamingTracker:
         self.frame_idx += 1
         self._raw, self._image, self.orig_hw = frame, img, (int(hw[0]), int(hw[1]))
         # SAM2VideoPredictor._get_image_feature (batch size 1)
-        backbone_out = self.model.forward_image(img.unsqueeze(0))
+        backbone_out = self._forward_image(img.unsqueeze(0))
         _, vision_feats, vision_pos_embeds, feat_sizes = self.model._prepare_backbone_features(backbone_out)
         self._feats = (vision_feats, vision_pos_embeds, feat_sizes)
         for track in self._tracks.values():
             track.pred_masks = track.score = None
+
+    def _forward_image(self, batch: torch.Tensor) -> dict:
+        """SAM2Base.forward_image, with the raw encoder output from ``use_image_encoder``'s when set
+        (copied: that output is shared and forward_image writes into its list)."""
+        if self._image_encoder is None:
+            return self.model.forward_image(batch)
+        backbone_out = dict(self._image_encoder(batch))
+        fpn = backbone_out["backbone_fpn"] = list(backbone_out["backbone_fpn"])
+        if self.model.use_high_res_features_in_sam:
+            fpn[0] = self.model.sam_mask_decoder.conv_s0(fpn[0])
+            fpn[1] = self.model.sam_mask_decoder.conv_s1(fpn[1])
+        return backbone_out
 
     def _mask_to_input(self, mask) -> torch.Tensor:
         """add_new_mask's resizing: bilinear+antialias to image_size, then >= 0.5."""
