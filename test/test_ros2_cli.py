@@ -39,7 +39,11 @@ LIFECYCLE_AND_PARAMETERS = [
     "ros2 lifecycle set /wrist/lens_node activate",
 ]
 RUN_VERBATIM = [LAUNCH_IN_THE_VENV, COMMAND, ECHO_NO_ARR, ECHO_FIELD, ACTION, *FEEDBACK, *LIFECYCLE_AND_PARAMETERS]
+TRACK_ACTION = ("ros2 action send_goal --feedback /wrist/track lens_ros/action/Track "
+                "\"{command: 'the red mug', keep_when_lost: true}\"")
 NOT_RUN_VERBATIM = {
+    TRACK_ACTION: "needs a node with a tracker_model, which the launch line above does not start: "
+                  "test_node_tracking sends the same Track goal (and cancels it) over DDS with rclpy",
     ROBOT_LAUNCH: "needs the released weights and a GPU: test_ros2_colcon runs it from a colcon workspace with "
                   "the tiny model on the CPU",
 }
