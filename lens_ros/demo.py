@@ -2,7 +2,9 @@
 
 Starts ``lens-node``, publishes the shipped photo as a 10 Hz camera stream with camera_info,
 sends a language goal on ``command``, waits for the ``Segmentation``, writes ``overlay.png``,
-``mask.png`` and ``result.json``, prints the latency and stops everything.
+``mask.png`` and ``result.json``, prints the latency and stops everything. Then it tracks the
+cup through a clip panned across the photo (``lens-track`` from the hand-traced cup mask, SAM2's
+memory carrying it: ``track/overlay.gif``, ``track/summary.json``).
 
     python -m lens_ros.demo [--model M] [--command TEXT] [--image PATH] [--device D] [--out DIR]
 
@@ -89,7 +91,38 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     os.environ.setdefault("ROS_LOG_DIR", str((out / "ros_log").resolve()))
     print(f"model {model}; image {args.image} ({rgb.shape[1]}x{rgb.shape[0]}); command {args.command!r}")
-    return run_demo(model, args, rgb, out, cv2)
+    code = run_demo(model, args, rgb, out, cv2)
+    if code or args.image != str(PHOTO):  # the cup's traced mask belongs to the shipped photo
+        return code
+    return track_demo(model, args, rgb, out / "track", cv2, offline)
+
+
+CLIP_FRAMES, CLIP_STEP = 24, 8  # the clip: a 400x300 window panning right 8 px a frame
+
+
+def track_demo(model: str, args, rgb, out: Path, cv2, offline: bool) -> int:
+    """lens-track on a clip panned across the photo, started from the cup's hand-traced mask."""
+    from lens_ros.figures import CUP_MASK
+    from lens_ros.tracking import cli as track_cli
+
+    frames = out / "clip"
+    frames.mkdir(parents=True, exist_ok=True)
+    height, width = 300, 400
+    y = (rgb.shape[0] - height) // 2
+    for index in range(CLIP_FRAMES):
+        x = min(index * CLIP_STEP, rgb.shape[1] - width)
+        cv2.imwrite(str(frames / f"{index:05d}.png"), cv2.cvtColor(rgb[y:y + height, x:x + width], cv2.COLOR_RGB2BGR))
+    cup = cv2.imread(str(CUP_MASK), cv2.IMREAD_GRAYSCALE)[y:y + height, :width]
+    cv2.imwrite(str(out / "first_mask.png"), cup)
+    tracker = "tiny" if model == "tiny" else "facebook/sam2-hiera-large"
+    print(f"tracking {args.command!r} through {CLIP_FRAMES} frames panned across the photo (tracker {tracker}) ...")
+    argv = ["--frames", str(frames), "--command", args.command, "--model", model, "--mask", str(out / "first_mask.png"),
+            "--out", str(out), "--device", "cpu" if args.device == "auto" else args.device]
+    code = track_cli.main([*argv, "--tracker-model", tracker] + (["--offline"] if offline else []))
+    if code and tracker != "tiny":
+        print("SAM2 Hiera-L is unavailable: tracking with the TINY RANDOM tracker instead (its masks are meaningless)")
+        code = track_cli.main([*argv, "--tracker-model", "tiny"])
+    return code
 
 
 def run_demo(model: str, args, rgb, out: Path, cv2) -> int:

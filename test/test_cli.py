@@ -83,6 +83,11 @@ def test_demo_falls_back_to_the_tiny_model_and_says_so(tmp_path, monkeypatch, ca
     for name in ("overlay.png", "mask.png", "result.json"):
         assert (tmp_path / "demo" / name).is_file()
     assert json.loads((tmp_path / "demo" / "result.json").read_text())["model"] == "tiny"
+    # Then the cup is tracked through a clip panned across the photo, from its traced mask.
+    summary = json.loads((tmp_path / "demo" / "track" / "summary.json").read_text())
+    assert summary["frames"] == demo.CLIP_FRAMES and summary["found_at_frame"] == 0
+    assert summary["tracker_model"] == "tiny" and (tmp_path / "demo" / "track" / "overlay.gif").is_file()
+    assert "tiny random models: the pipeline is real, its masks are meaningless" in out
 
 
 def test_lens_segment_grasps_in_2d_and_with_depth_in_3d(scripted_checkpoint, photo_file, tmp_path, capsys):

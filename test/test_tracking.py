@@ -454,6 +454,32 @@ def test_lens_track_writes_a_mask_a_row_and_an_overlay_per_frame(scripted_checkp
     assert "6 frames; object found on frame 0" in capsys.readouterr().out
 
 
+def test_lens_track_starts_from_a_given_mask(tiny_checkpoint, sequence, tmp_path, capsys):
+    """--mask: the track starts from the given mask on the first frame (the tiny LENS finds nothing on
+    its own); a mask of another size is refused."""
+    from PIL import Image
+
+    from lens_ros.tracking.cli import main
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, frame in enumerate(sequence[0][:3]):
+        Image.fromarray(frame).save(frames / f"{i:03d}.png")
+    given = np.zeros((HEIGHT, WIDTH), np.uint8)
+    given[100:200, 150:300] = 255
+    Image.fromarray(given).save(tmp_path / "mask.png")
+    Image.fromarray(given[:10]).save(tmp_path / "small.png")
+    args = ["--model", str(tiny_checkpoint), "--tracker-model", "tiny", "--frames", str(frames), "--command", "the box",
+            "--max-new-tokens", "8", "--offline"]
+    assert main([*args, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "tracks.jsonl").read_text().splitlines()]
+    assert [row["state"] for row in rows] == ["tracking"] * 3 and rows[0]["reasoning"] == "(the given --mask)"
+    first = np.array(Image.open(tmp_path / "out" / "masks" / "00000.png")) > 0
+    assert mask_iou(first, given > 0) > 0.9  # a prompted frame's output is its mask, at SAM2's resolution
+    assert main([*args, "--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "out2")]) == 2
+    assert f"--mask is {WIDTH}x10, the first frame {WIDTH}x{HEIGHT}" in capsys.readouterr().err
+
+
 def test_lens_track_refuses_a_folder_without_images(tmp_path, capsys):
     from lens_ros.tracking.cli import main
 

@@ -83,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lost-frames", type=int, default=15)
     parser.add_argument("--no-reacquire", action="store_true", help="keep a lost track lost")
     parser.add_argument("--reground-s", type=float, default=0.0, help="answer the command again every N s (0: off)")
+    parser.add_argument("--mask", help="start the track from this mask of the first frame (a PNG, nonzero = the "
+                                       "object) instead of LENS's answer; LENS still re-acquires a lost track")
     parser.add_argument("--offline", action="store_true", help="never download models")
     parser.add_argument("--out", default="lens_track_out")
     args = parser.parse_args(argv)
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointError,
         ModelUnavailableError,
     )
-    from lens_ros.pipeline import LensPipeline, PipelineConfig
+    from lens_ros.pipeline import LensPipeline, PipelineConfig, SegmentationResult
     from lens_ros.tracking.models import (
         TrackerModelError,
         load_tracker_model,
@@ -118,11 +120,24 @@ def main(argv: list[str] | None = None) -> int:
         tracker = StreamingTracker(tracker_model)
         session = TrackingSession(pipeline, tracker, config)
         frames = read_frames(args.video, args.frames, args.max_frames)
+        given = None
+        if args.mask:
+            given = cv2.imread(args.mask, cv2.IMREAD_GRAYSCALE)
+            if given is None:
+                raise ValueError(f"--mask {args.mask}: not an image OpenCV can read")
         gif, rows, found_at = [], [], None
         with open(out / "tracks.jsonl", "w") as log:
             for index, rgb in enumerate(frames):
                 if found_at is None:  # LENS looks for the object until it finds it
-                    result = session.start(TRACK_ID, args.command, rgb)
+                    if given is not None and index == 0:
+                        if given.shape != rgb.shape[:2]:
+                            raise ValueError(f"--mask is {given.shape[1]}x{given.shape[0]}, the first frame "
+                                             f"{rgb.shape[1]}x{rgb.shape[0]}")
+                        result = SegmentationResult(command=args.command, image_size=rgb.shape[:2], found=True,
+                                                    mask=given > 0, reasoning="(the given --mask)")
+                    else:
+                        result = None
+                    result = session.start(TRACK_ID, args.command, rgb, result=result)
                     found_at = index if TRACK_ID in session.tracks else None
                     row = {"frame": index, "state": "tracking" if found_at is not None else "searching",
                            "reasoning": result.reasoning, "box": result.box if result.found else None}
