@@ -725,6 +725,7 @@ class LensNode(LifecycleNode):
                                                  else "shared with LENS: one pass per frame"),
                           frames_tracked=tracking.frames_tracked, tracking_frames_skipped=tracking.frames_skipped,
                           tracking_bad_frames=tracking.bad_frames, last_track_ms=f"{tracking.last_frame_ms:.1f}",
+                          **{f"last_track_{part}_ms": f"{ms:.2f}" for part, ms in tracking.last_split_ms.items()},
                           tracking_lens_calls=tracking.session.lens_calls, tracking_last_error=tracking.last_error,
                           tracking_errors=scheduled.background_errors)
         recording = self._recording

@@ -100,7 +100,11 @@ class NodeTracking:
         self.frames_tracked = 0
         self.frames_skipped = 0
         self.bad_frames = 0
-        self.last_frame_ms = 0.0
+        self.last_frame_ms = 0.0  # the last tracked frame, all of it (Tracks.latency_ms)
+        # ... of which SAM2's step (with any LENS answer for re-acquisition or re-grounding), the grasps,
+        # and the rest: conversion, labels, messages, publishing, episode records (the ROS layer)
+        self.last_split_ms = {"sam2": 0.0, "grasps": 0.0, "ros": 0.0}
+        self._grasp_s = 0.0
         self.last_error = ""
 
     @property
@@ -147,7 +151,10 @@ class NodeTracking:
                 self._warn(f"tracking: {self.last_error} ({self.bad_frames} so far)")
             return
         self.session.config = self._config().tracking_config()
+        step = time.perf_counter()
         updates = self.session.update(rgb)
+        step = time.perf_counter() - step
+        self._grasp_s = 0.0
         self.frames_tracked += 1
         self.frames_skipped += skipped
         header = msg.header
@@ -166,6 +173,9 @@ class NodeTracking:
         for update, tracked in zip(updates, objects):
             self._after_frame(update, tracked, header)
         self._notify()
+        total = time.perf_counter() - began
+        self.last_split_ms = {"sam2": step * 1000, "grasps": self._grasp_s * 1000,
+                              "ros": (total - step - self._grasp_s) * 1000}
 
     def end_all(self, reason: str) -> None:
         """End every track now (deactivate, shutdown); the worker must be idle."""
@@ -208,6 +218,7 @@ class NodeTracking:
     def _grasps(self, update: TrackUpdate, header, size_hw, cfg) -> list:
         from lens_ros.grasp import grasp_regions
 
+        began = time.perf_counter()
         depth, intrinsics, problem, note = self._geometry(header, size_hw)
         try:
             grasps = grasp_regions(update.mask, depth=None if problem else depth,
@@ -216,6 +227,8 @@ class NodeTracking:
         except ValueError as exc:  # e.g. depth of another size: this frame's grasps only
             self.last_error = f"tracking grasps: {exc}"
             return []
+        finally:
+            self._grasp_s += time.perf_counter() - began
         regions = [grasp_to_region(g) for g in grasps]
         for region in regions:
             region.reason = "; ".join(r for r in (problem or note, region.reason) if r)
