@@ -507,3 +507,66 @@ def test_the_lens_mask_decoder_can_propagate_instead_of_the_stock_one(sequence):
         tracker.update(frames[1])
         outputs.append(tracker.last_logits[1])
     assert not torch.equal(*outputs)  # the decoder that propagates is LENS's
+
+
+def test_the_nodes_tracking_layer_skips_to_the_newest_frame_and_ends_lost_tracks(scripted_pipeline, sequence):
+    """lens_ros.ros.tracking.NodeTracking without DDS: the newest frame is tracked and the ones in
+    between are counted as skipped; a lost track ends when it cannot come back (reacquire off, or a
+    goal that did not ask to keep it), and its goal hears why."""
+    pytest.importorskip("rclpy")
+    from lens_ros.ros.harness import image_msg
+    from lens_ros.ros.params import NodeConfig
+    from lens_ros.ros.sensors import SensorBuffers
+    from lens_ros.ros.tracking import NodeTracking, TrackGoal
+    from lens_ros.tracking.session import TrackingSession
+
+    frames = sequence[0]
+
+    def layer(**params):
+        config = NodeConfig(tracker_model="tiny", lost_frames=2, presence_threshold=1.0, grasps=False, **params)
+        sensors, published = SensorBuffers(), []
+        session = TrackingSession(scripted_pipeline, StreamingTracker(tiny_model()), config.tracking_config())
+        tracking = NodeTracking(session, "not shared", sensors, None, lambda *message: published.append(message),
+                                None, lambda: None, lambda: config, print)
+        return tracking, sensors, published
+
+    def frame(sensors, index):
+        sensors.add_frame(image_msg(frames[index], stamp_msg(index)))
+
+    tracking, sensors, published = layer(reacquire=False)
+    frame(sensors, 0)
+    goal = TrackGoal(keep_when_lost=True)
+    result = scripted_pipeline.segment(frames[0], "the cup")
+    assert tracking.start(5, frames[0], 1, result, goal=goal) == ""
+    for index in (1, 2, 3):  # three frames arrive while the last one is tracked: the newest is taken
+        frame(sensors, index)
+    tracking.process()
+    (tracks, mask, grasp), = published
+    assert tracks.frames_skipped == 2 and tracks.header.stamp == stamp_msg(3) and tracking.frames_skipped == 2
+    assert [t.track_id for t in tracks.tracks] == [5] and (mask.height, mask.width) == frames[3].shape[:2]
+    tracking.process()  # no new frame: nothing
+    assert len(published) == 1
+    frame(sensors, 4)
+    tracking.process()
+    assert published[-1][0].tracks[0].state == "lost" and goal.ended == "lost" and tracking.active == 0
+    assert [list(t.events) for _, t in goal.updates] == [[], ["lost"]] and goal.frames == 2
+
+    tracking, sensors, published = layer(reacquire=True, reacquire_interval_s=3600.0)
+    frame(sensors, 0)
+    kept, ended = TrackGoal(keep_when_lost=True), TrackGoal(keep_when_lost=False)
+    tracking.start(1, frames[0], 1, result, goal=kept)
+    tracking.start(2, frames[0], 1, result, goal=ended)
+    for index in (1, 2):
+        frame(sensors, index)
+        tracking.process()
+    # Both were lost on frame 2, and LENS found the object again at once: both came back.
+    assert [t.state for t in published[-1][0].tracks] == ["reacquired", "reacquired"]
+    tracking.request_stop(0)
+    tracking.process()
+    assert kept.ended == ended.ended == "stopped" and tracking.active == 0
+
+
+def stamp_msg(index: int):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=1000 + index)

@@ -68,7 +68,7 @@ from lens_ros.ros.conversions import (
 from lens_ros.ros.params import NodeConfig, parameter_descriptions
 from lens_ros.ros.scheduler import RequestScheduler, throttled_progress
 from lens_ros.ros.sensors import SensorBuffers, staleness
-from lens_ros.ros.tracking import CANCELLED, NodeTracking, TrackGoal, load_tracker
+from lens_ros.ros.tracking import CANCELLED, STOPPED, NodeTracking, TrackGoal, load_tracker
 
 NODE_NAME = "lens_node"
 # Topic names, relative so that namespaces and remaps place them (one node per camera).
@@ -482,7 +482,7 @@ class LensNode(LifecycleNode):
             self._send_track_feedback(goal_handle, track)
             if goal_handle.is_cancel_requested and (track.ended == CANCELLED or request.cancel.is_set()):
                 goal_handle.canceled()
-            elif track.ended == "stopped":
+            elif track.ended == STOPPED:
                 goal_handle.succeed()
             else:
                 goal_handle.abort()

@@ -132,7 +132,8 @@ class NodeConfig:
     presence_threshold: float = TrackingConfig.presence_threshold
     """SAM2's object score logit above which a tracked object is present (SAM2's own rule: 0)."""
     reacquire: bool = TrackingConfig.reacquire
-    """Answer a lost track's command again on new frames and restart the track when LENS finds the object."""
+    """Answer a lost track's command again on new frames and restart the track when LENS finds the object (off: a
+    lost track ends)."""
     reacquire_interval_s: float = TrackingConfig.reacquire_interval_s
     """At most one re-acquisition attempt per lost track in this time (each is a full LENS command)."""
     reground_s: float = TrackingConfig.reground_s

@@ -248,7 +248,9 @@ class NodeTracking:
             every = self._config().track_thumbnail_frames
             if any(kind in RECORDED_EVENTS for kind in tracked.events) or (every and started.frames % every == 0):
                 self._record_state(update.track_id, tracked, update.mask, header)
-        if update.state == LOST and goal is not None and not goal.keep_when_lost:
+        # A lost track ends unless it can come back: re-acquisition on, and a goal that asked to keep it
+        # (topic commands' tracks are kept), so that nothing lost for good costs a SAM2 step per frame.
+        if update.state == LOST and (not self._config().reacquire or (goal is not None and not goal.keep_when_lost)):
             self._end(update.track_id, LOST_REASON)
 
     def _record_state(self, track_id: int, tracked: TrackedObject, mask, header) -> None:
