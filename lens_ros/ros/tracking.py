@@ -52,7 +52,6 @@ class TrackGoal:
     updates: collections.deque = field(default_factory=lambda: collections.deque(maxlen=100))
     ended: str | None = None  # why the track ended (None while it runs)
     frames: int = 0  # frames on which the track was updated
-    last: TrackedObject | None = None
 
 
 @dataclass
@@ -243,7 +242,6 @@ class NodeTracking:
         goal = started.goal
         if goal is not None:
             goal.updates.append((header, tracked))
-            goal.last = tracked
         if self._record is not None:
             every = self._config().track_thumbnail_frames
             if any(kind in RECORDED_EVENTS for kind in tracked.events) or (every and started.frames % every == 0):
