@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import TrainerCallback
 
 from lens_ros import prompts
 from lens_ros.model.checkpoint import load_lens_model
@@ -301,6 +302,94 @@ def test_training_leaves_out_expressions_with_control_tokens(tiny_checkpoint, sa
 def test_trl_is_never_told_to_trust_remote_code(tmp_path):
     with pytest.raises(ValueError, match="trust_remote_code"):
         LensTrainingConfig(output_dir=str(tmp_path), trust_remote_code=True)
+
+
+# -- resuming (issue 14) ---------------------------------------------------------------------------
+class StopAfter(TrainerCallback):
+    """Ends training after ``step`` optimiser steps, its checkpoint written, as a preempted job would stop."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def smoke(out, *overrides, resume=None) -> int:
+    from lens_ros.training.cli import train_main
+
+    argv = ["--recipe", "training/tiny_smoke.yaml", "--set", f"output_dir={out}"]
+    argv += [x for override in overrides for x in ("--set", override)] + (["--resume", resume] if resume else [])
+    return train_main(argv)
+
+
+@pytest.mark.parametrize("variant", [(), ("use_lora=true", "learning_rate=1e-2")], ids=["full", "lora"])
+def test_resuming_after_a_stop_at_step_1_gives_the_uninterrupted_step_2_weights(tmp_path, monkeypatch, variant):
+    """lens-train stopped after step 1 (checkpoint-1 written), then ``--resume latest``: the weights after
+    step 2 are bit for bit those of an uninterrupted run with the same seed. Weights (LoRA: the adapters,
+    the rest from the LENS checkpoint), optimizer, scheduler, the data order and the RNG that samples the
+    rollouts are all restored; without the RNG the rollouts, hence the weights, differ."""
+    from lens_ros.model.checkpoint import read_state_dict
+    from lens_ros.training import trainer as training
+
+    assert smoke(tmp_path / "whole", *variant) == 0
+    build = training.build_trainer
+
+    def build_stopping(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(StopAfter(1))
+        return trainer
+
+    cut = tmp_path / "cut"
+    saving = ("save_strategy=steps", "save_steps=1")
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "build_trainer", build_stopping)
+        assert smoke(cut, *variant, *saving) == 0
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-1"]
+    state_files = {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "model.safetensors"}
+    assert state_files <= {p.name for p in (cut / "checkpoint-1").iterdir()}
+    assert (cut / "checkpoint-1" / "lora_adapter" / "adapter_model.safetensors").is_file() == bool(variant)
+    step1 = read_state_dict(cut / "checkpoint-1")
+
+    assert smoke(cut, *variant, *saving, resume="latest") == 0
+    whole, resumed = read_state_dict(tmp_path / "whole" / "final"), read_state_dict(cut / "final")
+    assert set(whole) == set(resumed) == set(step1)
+    assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []  # exact, no tolerance
+    assert any(not torch.equal(whole[k], step1[k]) for k in whole)  # and step 2 did train
+    history = json.loads((cut / "log_history.json").read_text())
+    assert [entry["step"] for entry in history if "mask_loss" in entry] == [1, 2]
+
+
+def test_resume_names_what_is_missing(tmp_path, capsys):
+    assert smoke(tmp_path / "fresh", resume="latest") == 2
+    assert "no complete checkpoint-N (with trainer_state.json)" in capsys.readouterr().err
+    assert smoke(tmp_path / "fresh", resume=str(tmp_path / "nowhere")) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    (tmp_path / "fresh" / "checkpoint-3").mkdir(parents=True)  # cut off before trainer_state.json
+    assert smoke(tmp_path / "fresh", resume="latest") == 2
+    assert smoke(tmp_path / "fresh", resume=str(tmp_path / "fresh" / "checkpoint-3")) == 2
+    assert "holds no trainer_state.json" in capsys.readouterr().err
+
+
+def test_resume_weights_come_from_a_checkpoint_of_this_model(tiny_checkpoint, tmp_path):
+    """The in-place loader resumes use is strict: another model's frozen weights (LoRA's base) or
+    another architecture are errors that say so, not a silent partial load."""
+    from lens_ros.model.checkpoint import CheckpointError, load_lens_weights
+    from lens_ros.model.tiny import TinySpec, build_tiny_checkpoint
+
+    other = build_tiny_checkpoint(tmp_path / "other", TinySpec(seed=1))
+    lens, _ = fresh_model(tiny_checkpoint)
+    with pytest.raises(CheckpointError, match=r"frozen VLM weight\(s\) differ .* trained from another model"):
+        load_lens_weights(lens, other, vlm=False)
+    parameter = lens.learnable_query
+    load_lens_weights(lens, other)
+    expected, _ = fresh_model(other)
+    assert lens.learnable_query is parameter  # in place: an optimizer's references stay valid
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in lens.state_dict().items())
+    fewer = build_tiny_checkpoint(tmp_path / "fewer", TinySpec(num_queries=8))
+    with pytest.raises(CheckpointError, match=r"shape mismatch: .*learnable_query \(1, 8, 64\) vs \(1, 64, 64\)"):
+        load_lens_weights(lens, fewer)
 
 
 def test_two_processes_train_as_one_model_and_write_one_checkpoint(tmp_path):

@@ -350,6 +350,42 @@ def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str
     return model, load_processor(directory)
 
 
+def load_lens_weights(model: LensModel, directory: str | os.PathLike, vlm: bool = True) -> None:
+    """Copy the weights of the checkpoint in ``directory`` into ``model`` (an already built ``LensModel`` of
+    the same architecture), in place: the parameter objects stay, so an optimizer that holds them keeps
+    them. This is how training resumes from its own checkpoints.
+
+    Strict, as ``load_lens_model`` is: a missing, unexpected or differently shaped weight is a
+    ``CheckpointError`` that names it. With ``vlm=False`` only the context head and SAM2 are copied and
+    the checkpoint's Qwen weights are checked against the model's instead: every one the model holds
+    under the same name must be equal (LoRA resumes this way: the base stays frozen, and the
+    checkpoint's merged projections are no longer model weights by that name).
+    """
+    directory = Path(directory)
+    own = model.state_dict()  # detached views of the parameters and buffers: copy_ writes into them
+    tied = {"vlm.lm_head.weight"} if model.vlm.config.tie_word_embeddings else set()
+    state = {(key if key.startswith(HEAD_PREFIXES + (SAM_PREFIX,)) else "vlm." + from_checkpoint_key(key)): value
+             for key, value in read_state_dict(directory).items()}
+    if vlm:
+        _check_keys(f"{directory}", set(own) - tied, set(state) - tied)
+    else:
+        expected = {k for k in own if k.startswith(HEAD_PREFIXES + (SAM_PREFIX,))}
+        _check_keys(f"{directory}: context head and SAM2", expected, {k for k in state if not k.startswith("vlm.")})
+        differ = [k for k, v in state.items() if k.startswith("vlm.") and k in own and not torch.equal(own[k], v)]
+        if differ:
+            raise CheckpointError(f"{directory}: {len(differ)} frozen VLM weight(s) differ from the model's "
+                                  f"({_names(differ)}): the checkpoint was trained from another model")
+        state = {k: v for k, v in state.items() if not k.startswith("vlm.")}
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
+                  if k in own and state[k].shape != own[k].shape]
+    if mismatched:
+        raise CheckpointError(f"{directory}: shape mismatch: {_names(mismatched)}")
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value)
+
+
 def load_processor(directory: str | os.PathLike):
     """The checkpoint's Qwen2.5-VL processor (tokenizer, chat template, image and video processors).
 

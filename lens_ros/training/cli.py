@@ -10,6 +10,10 @@ A recipe is one flat YAML mapping (see ``training/*.yaml``):
 ``--set key=value`` overrides a recipe key; the value is converted to the field's type
 (``--set learning_rate=1e-5``, ``--set use_lora=true``, ``--set lora_target_modules=q_proj,v_proj``).
 Unknown keys are an error that lists the known ones. User errors print one line and exit 2.
+
+``--resume PATH|latest`` goes on from a ``checkpoint-N`` the run wrote (``latest``: the newest complete one
+in ``output_dir``); it is transformers' ``resume_from_checkpoint`` (``--set resume_from_checkpoint=...``).
+Keep the recipe and its overrides as they were: the starting ``model`` is the KL reference (and LoRA's base).
 """
 
 from __future__ import annotations
@@ -157,10 +161,17 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--recipe", required=True, help="YAML recipe (see training/*.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key (repeatable)")
+    parser.add_argument("--resume", metavar="PATH|latest",
+                        help="go on from a checkpoint-N of this run (latest: the newest in output_dir); the same as "
+                             "--set resume_from_checkpoint=...")
     args = parser.parse_args(argv)
     try:
-        recipe = apply_overrides(read_recipe(args.recipe), args.overrides)
+        overrides = args.overrides + ([f"resume_from_checkpoint={args.resume}"] if args.resume else [])
+        recipe = apply_overrides(read_recipe(args.recipe), overrides)
         config, model, specs, allow_download = build_config(recipe)
+        from lens_ros.training.trainer import resume_checkpoint
+
+        resume = resume_checkpoint(config)  # a checkpoint that is not there: say so before anything loads
         from accelerate import PartialState  # set up by the config (TrainingArguments)
 
         # Several processes: the main one first, as a synthetic data set is written into output_dir
@@ -175,7 +186,8 @@ def train_main(argv: Sequence[str] | None = None) -> int:
     from lens_ros.model.checkpoint import ModelUnavailableError
     from lens_ros.training.trainer import train_lens
 
-    print(f"lens-train: stage {config.stage}, model {model}, {len(samples)} samples, output {config.output_dir}")
+    print(f"lens-train: stage {config.stage}, model {model}, {len(samples)} samples, output {config.output_dir}"
+          + (f", resuming from {resume}" if resume else ""))
     try:
         final = train_lens(config, model, samples, allow_download=allow_download)
     except ModelUnavailableError as exc:

@@ -34,11 +34,14 @@ mask loss; only the context head is trainable.
 
 Both trainers override ``_save`` so that every checkpoint (``checkpoint-N`` and ``final``) is a LENS
 checkpoint that ``load_lens_model`` reads; trl's model card is skipped (it describes a plain
-transformers model).
+transformers model). transformers writes the rest of a ``checkpoint-N`` beside it (optimizer,
+scheduler, RNG states, ``trainer_state.json``); a LoRA run adds its unmerged adapters
+(``ADAPTER_DIR``). Resuming (``resume_from_checkpoint``) is transformers' own, with one override,
+``_load_from_checkpoint``: the weights go back into the LensModel in place (``load_for_resume``);
+transformers' loader would match none of LENS's names and, loading non-strictly, keep the starting weights.
 
-Several processes: DDP verified on 2 CPU processes (gloo), not on GPUs. Not verified here: FSDP and
-DeepSpeed ZeRO-3 (checkpoints are written from the LensModel's own, unsharded parameters), no
-``resume_from_checkpoint`` (checkpoints are LENS checkpoints, not trl's).
+Several processes: DDP verified on 2 CPU processes (gloo), resume included, not on GPUs. Not verified
+here: FSDP and DeepSpeed (see training/README.md: accelerate runs neither on a CPU).
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from lens_ros import prompts
 from lens_ros.images import InvalidInputError, check_plain_text, control_tokens
-from lens_ros.model.checkpoint import save_lens_checkpoint
+from lens_ros.model.checkpoint import load_lens_weights, save_lens_checkpoint
 from lens_ros.model.sam import embed_backbone, sam_input_size
 from lens_ros.pipeline import ImageSizes, LensPipeline, PipelineConfig, PreparedImage, sam_pixels, vlm_resize_shape
 from lens_ros.training.data import drop_expressions
@@ -79,6 +82,14 @@ STAGE_GRPO = 2
 TRAINABLES_NAME = "lens_trainables"
 CONTEXT_HEAD_MODULES = ("connector", "conv_1d", "proj_to_sam")
 FINAL_DIR = "final"
+# Inside a LoRA run's checkpoint-N: the adapters in peft's own layout (the LENS weights beside it have
+# them merged, for deployment); resuming reads them from here. A subfolder, so that the loader, which
+# reads every *.safetensors at the top, never takes them for model weights.
+ADAPTER_DIR = "lora_adapter"
+# What a checkpoint needs to be resumed from: transformers writes it last (after weights, optimizer,
+# scheduler and RNG states), so a checkpoint-N without it was cut off while being written.
+TRAINER_STATE_FILE = "trainer_state.json"
+RESUME_LATEST = "latest"
 CURVES_FILE = "training_curves.png"
 LOG_HISTORY_FILE = "log_history.json"
 # Qwen2.5's attention and MLP projections; the regex below limits them to the language model.
@@ -506,6 +517,65 @@ def lora_config(config: LensTrainingConfig):
                       target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})")
 
 
+def load_for_resume(lens, vlm: nn.Module, directory: str | os.PathLike) -> None:
+    """Put the weights of our own ``checkpoint-N`` back into ``lens`` (in place, before the optimizer
+    is built), for transformers' resume. Its own loader would find no weight of the VLM it trains under
+    LENS's names and, loading non-strictly, silently keep the starting weights.
+
+    ``vlm`` is the model the trainer optimises: the LensModel's VLM, or trl's PeftModel around it. With
+    LoRA the checkpoint's Qwen weights are merged, so the base stays the starting model (checked: the
+    frozen weights must be the checkpoint's), and the adapters come from ``ADAPTER_DIR``.
+    """
+    from peft import PeftModel
+
+    directory = Path(directory)
+    with trainables_detached(lens.vlm):
+        if not isinstance(vlm, PeftModel):
+            load_lens_weights(lens, directory)
+            return
+        load_lens_weights(lens, directory, vlm=False)
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = directory / ADAPTER_DIR / "adapter_model.safetensors"
+    if not adapter.is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_DIR}/adapter_model.safetensors; a LoRA run resumes only "
+                                "from checkpoints that hold their adapters")
+    weights = load_file(str(adapter))
+    with trainables_detached(lens.vlm):
+        result = set_peft_model_state_dict(vlm, weights)
+        expected = {k for k, p in vlm.named_parameters() if "lora_" in k}
+    missing = {k for k in result.missing_keys if "lora_" in k}
+    if result.unexpected_keys or missing or len(expected) != len(weights):
+        raise ValueError(f"{adapter}: adapters do not match this run's LoRA configuration (unexpected "
+                         f"{sorted(result.unexpected_keys)[:3]}, missing {sorted(missing)[:3]})")
+
+
+def resume_checkpoint(config: LensTrainingConfig) -> str | None:
+    """``config.resume_from_checkpoint`` as a checkpoint directory: None (start afresh), a path, or
+    ``latest``, the complete ``checkpoint-N`` of ``output_dir`` with the highest N. A checkpoint that
+    is not there, or was not completely written, is a ``FileNotFoundError`` that says so."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
+
+    wanted = config.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted == RESUME_LATEST:
+        output = Path(config.output_dir)
+        found = sort_checkpoints(str(output), PREFIX_CHECKPOINT_DIR) if output.is_dir() else []
+        complete = [path for path in found if (Path(path) / TRAINER_STATE_FILE).is_file()]
+        if not complete:
+            raise FileNotFoundError(f"resume_from_checkpoint=latest: no complete {PREFIX_CHECKPOINT_DIR}-N (with "
+                                    f"{TRAINER_STATE_FILE}) in {output}")
+        return complete[-1]
+    path = Path(wanted)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        problem = "does not exist" if not path.exists() else f"holds no {TRAINER_STATE_FILE} (not a checkpoint-N " \
+                                                             "written during training, or cut off while written)"
+        raise FileNotFoundError(f"resume_from_checkpoint: {path} {problem}")
+    return str(path)
+
+
 def _write_checkpoint(lens, processor, args, output_dir) -> Path:
     path = save_lens_checkpoint(lens, processor, output_dir)
     torch.save(args, os.path.join(output_dir, "training_args.bin"))
@@ -709,6 +779,17 @@ class LensGRPOTrainer(GRPOTrainer):
             return
         with self._lens_for_saving() as lens:
             _write_checkpoint(lens, self.processing_class, self.args, output_dir)
+        if self._is_peft():  # the unmerged adapters, to resume from (load_for_resume)
+            with trainables_detached(self.lens.vlm):
+                # (LoRA here never adapts the embeddings: peft's "auto" would look for a base config to check.)
+                self.accelerator.unwrap_model(self.model).save_pretrained(os.path.join(output_dir, ADAPTER_DIR),
+                                                                          save_embedding_layers=False)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_for_resume(self.lens, self.accelerator.unwrap_model(self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_for_resume(self.lens, self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
     def create_model_card(self, *args, **kwargs) -> None:
         pass  # trl's card describes a transformers model; a LENS checkpoint is not one
@@ -821,6 +902,12 @@ class LensStage1Trainer(Trainer):
         if self.args.should_save:
             _write_checkpoint(self.lens, self.lens_processor, self.args, output_dir)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_for_resume(self.lens, self.lens.vlm, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_for_resume(self.lens, self.lens.vlm, self.state.best_model_checkpoint)
+
     def save_final(self) -> Path:
         final = Path(self.args.output_dir) / FINAL_DIR
         if self.args.should_save:
@@ -898,12 +985,17 @@ def build_trainer(config: LensTrainingConfig, lens, processor, samples: Sequence
 
 def train_lens(config: LensTrainingConfig, model_source: str, samples: Sequence, allow_download: bool = False) -> Path:
     """Load ``model_source``, train it on ``samples`` as ``config`` says, write ``<output_dir>/final``
-    (plus ``log_history.json`` and, with ``plot_curves``, ``training_curves.png``); return the final path."""
+    (plus ``log_history.json`` and, with ``plot_curves``, ``training_curves.png``); return the final path.
+
+    With ``config.resume_from_checkpoint`` (a ``checkpoint-N`` or ``latest``, see ``resume_checkpoint``)
+    training goes on from that checkpoint: ``model_source`` must be the interrupted run's starting model
+    (it is the KL reference, and LoRA's base)."""
     from lens_ros.model.checkpoint import load_lens_model
 
+    resume = resume_checkpoint(config)
     lens, processor = load_lens_model(model_source, device="cpu", dtype="float32", allow_download=allow_download)
     trainer = build_trainer(config, lens, processor, samples)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     final = trainer.save_final()
     if trainer.args.should_save:
         output = Path(config.output_dir)
