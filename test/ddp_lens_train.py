@@ -1,6 +1,8 @@
-"""lens-train under torchrun, instrumented (run by test_trainer.py's DDP test, not collected by pytest).
+"""lens-train under a distributed launcher, instrumented (run by test_trainer.py's DDP test, not
+collected by pytest).
 
-    torchrun --nproc_per_node 2 test/ddp_lens_train.py OUTPUT_DIR [key=value ...]
+    accelerate launch --config_file training/accelerate/ddp.yaml --num_processes 2 \
+        test/ddp_lens_train.py OUTPUT_DIR [key=value ...]       (or torchrun --nproc_per_node 2 ...)
 
 Runs ``lens_ros.training.cli.train_main`` on the tiny smoke recipe with ``use_cpu=true`` (gloo).
 After every optimiser step each rank hashes the parameters the trainer optimises and the hashes of

@@ -392,25 +392,39 @@ def test_resume_weights_come_from_a_checkpoint_of_this_model(tiny_checkpoint, tm
         load_lens_weights(lens, fewer)
 
 
-def test_two_processes_train_as_one_model_and_write_one_checkpoint(tmp_path):
-    """lens-train under torchrun with 2 CPU processes (DDP over gloo) on the tiny smoke recipe: each
-    rank trains on its own rows, after each of the two GRPO steps (mask loss included) the trainable
-    parameters are identical on both ranks, the checkpoint is written once (rank 0) and it loads and
-    segments. (``accelerate launch --cpu`` starts one process without MPI; torchrun is how CPU DDP runs.)"""
+def launch_two_processes(out, *overrides):
+    """``accelerate launch`` with training/accelerate/ddp.yaml, 2 CPU processes, of the instrumented
+    lens-train (ddp_lens_train.py) on the tiny smoke recipe; its per-rank records."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    torchrun = Path(sys.executable).with_name("torchrun")
-    out = tmp_path / "ddp"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 400),
-                           str(Path(__file__).with_name("ddp_lens_train.py")), str(out)],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    root = Path(__file__).parents[1]
+    # PYTHONPATH: the processes run a script in test/, so without it they would import whichever lens_ros
+    # the venv has installed rather than this tree's.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "training/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", "0",
+                           str(Path(__file__).with_name("ddp_lens_train.py")), str(out), *overrides],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    logs = {rank: [json.loads(line) for line in (out / "check" / f"rank{rank}.jsonl").read_text().splitlines()]
+    return {rank: [json.loads(line) for line in (out / "check" / f"rank{rank}.jsonl").read_text().splitlines()]
             for rank in (0, 1)}
+
+
+def test_two_processes_train_as_one_model_write_one_checkpoint_and_resume(tmp_path):
+    """lens-train under ``accelerate launch --config_file training/accelerate/ddp.yaml --num_processes 2``
+    with ``use_cpu=true`` (DDP over gloo) on the tiny smoke recipe: each rank trains on its own rows,
+    after each of the two GRPO steps (mask loss included) the trainable parameters are identical on both
+    ranks, each checkpoint is written once (rank 0) and the final one loads and segments. Resumed from
+    checkpoint-1, step 2 sees the same rows and ends in the same weights as the uninterrupted run.
+    (``accelerate launch --cpu`` would start one process: without MPI it never starts more.)"""
+    from lens_ros.model.checkpoint import read_state_dict
+
+    out = tmp_path / "ddp"
+    logs = launch_two_processes(out, "save_strategy=steps", "save_steps=1")
     steps = [entry for entry in logs[0] if "step" in entry]
     assert [entry["step"] for entry in steps] == [1, 2]
     assert all(entry["distributed"] == "DistributedType.MULTI_CPU" for entry in steps)
@@ -420,8 +434,20 @@ def test_two_processes_train_as_one_model_and_write_one_checkpoint(tmp_path):
     rows = {rank: [entry["sample_ids"] for entry in logs[rank] if "sample_ids" in entry] for rank in (0, 1)}
     assert rows[0] and rows[0] != rows[1]  # each rank its own shard
     writes = {rank: [entry["checkpoint_write"] for entry in logs[rank] if "checkpoint_write" in entry] for rank in (0, 1)}
-    assert writes == {0: [str(out / "final")], 1: []}
+    assert writes == {0: [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")], 1: []}
+    assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= {p.name for p in (out / "checkpoint-1").iterdir()}
     model, processor = load_lens_model(str(out / "final"))
     result = LensPipeline(model, processor, PipelineConfig(model="ddp", max_new_tokens=4)).segment(
         (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8), "the cup")
     assert result.error == "" and result.mask.shape == (64, 80)
+
+    again = tmp_path / "resumed"
+    resumed = launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}")
+    (step2,) = [entry for entry in resumed[0] if "step" in entry]
+    assert step2["step"] == 2 and step2["all_ranks"] == [steps[1]["trainable_sha"]] * 2
+    for rank in (0, 1):
+        assert [entry["sample_ids"] for entry in resumed[rank] if "sample_ids" in entry] == rows[rank][1:]
+        assert [entry["checkpoint_write"] for entry in resumed[rank] if "checkpoint_write" in entry] == \
+            ([str(again / "final")] if rank == 0 else [])
+    whole, after = read_state_dict(out / "final"), read_state_dict(again / "final")
+    assert [k for k in whole if not torch.equal(whole[k], after[k])] == []
