@@ -392,6 +392,15 @@ def test_resume_weights_come_from_a_checkpoint_of_this_model(tiny_checkpoint, tm
         load_lens_weights(lens, fewer)
 
 
+def test_processes_that_are_not_connected_are_refused(tmp_path, monkeypatch, capsys):
+    """A launcher started several processes (WORLD_SIZE) but accelerate connected none of them, as a
+    GPU launcher does on a machine without GPUs unless use_cpu is set: an error, not N lone trainings."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert smoke(tmp_path / "out") == 2
+    assert "started as 2 processes, but they are not connected" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def launch_two_processes(out, *overrides):
     """``accelerate launch`` with training/accelerate/ddp.yaml, 2 CPU processes, of the instrumented
     lens-train (ddp_lens_train.py) on the tiny smoke recipe; its per-rank records."""

@@ -174,9 +174,14 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         resume = resume_checkpoint(config)  # a checkpoint that is not there: say so before anything loads
         from accelerate import PartialState  # set up by the config (TrainingArguments)
 
+        state = PartialState()
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and state.num_processes == 1:  # e.g. a GPU launcher on a machine without GPUs
+            raise RecipeError(f"started as {launched} processes, but they are not connected (each would train "
+                              "alone and write the same checkpoints); on CPUs add --set use_cpu=true")
         # Several processes: the main one first, as a synthetic data set is written into output_dir
         # (all writing it at once, one read a half-written file).
-        with PartialState().main_process_first():
+        with state.main_process_first():
             samples = load_data(specs, training=True, work_dir=config.output_dir, seed=config.seed)
         if len(samples) == 0:
             raise RecipeError(f"the data ({', '.join(specs)}) holds no samples")
