@@ -33,10 +33,15 @@ def record(entry: dict) -> None:
 
 
 def digest(named) -> str:
+    """A hash of the whole tensors: a sharded one (FSDP2's DTensor) is gathered first (a collective:
+    every rank walks the same parameters in the same order)."""
     h = hashlib.sha256()
     for name, tensor in named:
+        tensor = tensor.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
         h.update(name.encode())
-        h.update(tensor.detach().float().contiguous().cpu().numpy().tobytes())
+        h.update(tensor.float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -63,9 +68,9 @@ def build_and_watch(*args, **kwargs):
     return trainer
 
 
-def write_and_record(lens, processor, args, output_dir):
+def write_and_record(lens, processor, args, output_dir, **kwargs):
     record({"checkpoint_write": str(output_dir)})
-    return write(lens, processor, args, output_dir)
+    return write(lens, processor, args, output_dir, **kwargs)
 
 
 def generate_and_record(self, inputs):

@@ -401,9 +401,17 @@ def test_processes_that_are_not_connected_are_refused(tmp_path, monkeypatch, cap
     assert not (tmp_path / "out").exists()
 
 
-def launch_two_processes(out, *overrides):
-    """``accelerate launch`` with training/accelerate/ddp.yaml, 2 CPU processes, of the instrumented
-    lens-train (ddp_lens_train.py) on the tiny smoke recipe; its per-rank records."""
+@pytest.fixture(scope="module")
+def rollout_bias(tiny_model):
+    """generation_kwargs for lens-train that make the rollouts answer with a box (``answer_bias``), so
+    that the rollouts' own mask pass runs in every process."""
+    return "generation_kwargs=" + json.dumps(answer_bias(tiny_model[1]))
+
+
+def launch_two_processes(out, *overrides, config="ddp.yaml", wrapper=()):
+    """``accelerate launch --config_file training/accelerate/CONFIG --num_processes 2`` of the instrumented
+    lens-train (ddp_lens_train.py: the tiny smoke recipe, use_cpu=true) on 2 CPU processes; its per-rank
+    records."""
     import os
     import subprocess
     import sys
@@ -415,7 +423,8 @@ def launch_two_processes(out, *overrides):
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                           "training/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", "0",
+                           f"training/accelerate/{config}", "--num_processes", "2", "--main_process_port", "0",
+                           *[str(Path(__file__).with_name(w)) for w in wrapper],
                            str(Path(__file__).with_name("ddp_lens_train.py")), str(out), *overrides],
                           capture_output=True, text=True, timeout=600, env=env, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -423,40 +432,104 @@ def launch_two_processes(out, *overrides):
             for rank in (0, 1)}
 
 
-def test_two_processes_train_as_one_model_write_one_checkpoint_and_resume(tmp_path):
-    """lens-train under ``accelerate launch --config_file training/accelerate/ddp.yaml --num_processes 2``
-    with ``use_cpu=true`` (DDP over gloo) on the tiny smoke recipe: each rank trains on its own rows,
-    after each of the two GRPO steps (mask loss included) the trainable parameters are identical on both
-    ranks, each checkpoint is written once (rank 0) and the final one loads and segments. Resumed from
-    checkpoint-1, step 2 sees the same rows and ends in the same weights as the uninterrupted run.
-    (``accelerate launch --cpu`` would start one process: without MPI it never starts more.)"""
-    from lens_ros.model.checkpoint import read_state_dict
+def steps_of(log):
+    return [entry for entry in log if "step" in entry]
 
-    out = tmp_path / "ddp"
-    logs = launch_two_processes(out, "save_strategy=steps", "save_steps=1")
-    steps = [entry for entry in logs[0] if "step" in entry]
+
+def rows_of(log):
+    return [entry["sample_ids"] for entry in log if "sample_ids" in entry]
+
+
+def writes_of(log):
+    return [entry["checkpoint_write"] for entry in log if "checkpoint_write" in entry]
+
+
+def assert_one_model_trained(logs, distributed):
+    steps = steps_of(logs[0])
     assert [entry["step"] for entry in steps] == [1, 2]
-    assert all(entry["distributed"] == "DistributedType.MULTI_CPU" for entry in steps)
+    assert all(entry["distributed"] == f"DistributedType.{distributed}" for entry in steps)
     for entry in steps:
         assert len(entry["all_ranks"]) == 2 and len(set(entry["all_ranks"])) == 1, entry  # the same model
     assert steps[0]["trainable_sha"] != steps[1]["trainable_sha"]  # and it trained
-    rows = {rank: [entry["sample_ids"] for entry in logs[rank] if "sample_ids" in entry] for rank in (0, 1)}
-    assert rows[0] and rows[0] != rows[1]  # each rank its own shard
-    writes = {rank: [entry["checkpoint_write"] for entry in logs[rank] if "checkpoint_write" in entry] for rank in (0, 1)}
-    assert writes == {0: [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")], 1: []}
+    assert rows_of(logs[0]) and rows_of(logs[0]) != rows_of(logs[1])  # each rank its own shard
+
+
+def assert_resumed_step_2(run, resumed, again):
+    """The resumed run did step 2 only, on the rows step 2 had, to the same weights; rank 0 wrote."""
+    (step2,) = steps_of(resumed[0])
+    assert step2["step"] == 2 and step2["all_ranks"] == [steps_of(run[0])[1]["trainable_sha"]] * 2
+    for rank in (0, 1):
+        assert rows_of(resumed[rank]) == rows_of(run[rank])[1:]
+        assert writes_of(resumed[rank]) == ([str(again / "final")] if rank == 0 else [])
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, rollout_bias):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    return out, launch_two_processes(out, "save_strategy=steps", "save_steps=1", rollout_bias)
+
+
+def test_two_processes_train_as_one_model_write_one_checkpoint_and_resume(ddp_run, rollout_bias, tmp_path):
+    """lens-train under ``accelerate launch --config_file training/accelerate/ddp.yaml --num_processes 2``
+    with ``use_cpu=true`` (DDP over gloo) on the tiny smoke recipe: each rank trains on its own rows (the
+    rollouts' mask pass and reward included), after each of the two GRPO steps (mask loss included) the
+    trainable parameters are identical on both ranks, each checkpoint is written once (rank 0) and the final
+    one loads and segments. Resumed from checkpoint-1, step 2 sees the same rows and ends in the same
+    weights as the uninterrupted run. (``accelerate launch --cpu`` would start one process: without MPI it
+    never starts more.)"""
+    from lens_ros.model.checkpoint import read_state_dict
+
+    out, logs = ddp_run
+    assert_one_model_trained(logs, "MULTI_CPU")
+    assert writes_of(logs[0]) == [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")]
+    assert writes_of(logs[1]) == []
     assert {"rng_state_0.pth", "rng_state_1.pth", "optimizer.pt"} <= {p.name for p in (out / "checkpoint-1").iterdir()}
+    history = json.loads((out / "log_history.json").read_text())
+    assert any(entry.get("rewards/mask_iou_reward/mean", 0) > 0 for entry in history)  # rollouts' masks scored
     model, processor = load_lens_model(str(out / "final"))
     result = LensPipeline(model, processor, PipelineConfig(model="ddp", max_new_tokens=4)).segment(
         (np.random.default_rng(0).random((64, 80, 3)) * 255).astype(np.uint8), "the cup")
     assert result.error == "" and result.mask.shape == (64, 80)
 
     again = tmp_path / "resumed"
-    resumed = launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}")
-    (step2,) = [entry for entry in resumed[0] if "step" in entry]
-    assert step2["step"] == 2 and step2["all_ranks"] == [steps[1]["trainable_sha"]] * 2
-    for rank in (0, 1):
-        assert [entry["sample_ids"] for entry in resumed[rank] if "sample_ids" in entry] == rows[rank][1:]
-        assert [entry["checkpoint_write"] for entry in resumed[rank] if "checkpoint_write" in entry] == \
-            ([str(again / "final")] if rank == 0 else [])
+    assert_resumed_step_2(logs, launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}",
+                                                     rollout_bias), again)
     whole, after = read_state_dict(out / "final"), read_state_dict(again / "final")
     assert [k for k in whole if not torch.equal(whole[k], after[k])] == []
+
+
+def test_fsdp2_trains_what_ddp_trains_writes_whole_checkpoints_and_resumes(ddp_run, rollout_bias, tmp_path):
+    """FSDP2 (training/accelerate/fsdp.yaml) on 2 CPU processes, through test/fsdp_on_cpu.py: accelerate
+    enables FSDP on GPU-type devices only, and that wrapper lifts this one gate (see its docstring). The
+    parameters are DTensor shards; the run is DDP's to float32 rounding (1e-6 after two steps: the
+    reductions differ in order), ``learnable_query`` included (FSDP2 had left the LensModel holding a
+    stale copy of it, which then never trained); checkpoints are LENS checkpoints written by rank 0 from
+    the gathered full state dict; resuming from checkpoint-1 (FSDP's own optimizer file) gives step 2 exactly."""
+    from lens_ros.model.checkpoint import read_state_dict
+
+    out = tmp_path / "fsdp"
+    logs = launch_two_processes(out, "save_strategy=steps", "save_steps=1", rollout_bias, config="fsdp.yaml",
+                                wrapper=["fsdp_on_cpu.py"])
+    assert_one_model_trained(logs, "FSDP")
+    assert writes_of(logs[0]) == [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")]
+    assert writes_of(logs[1]) == []
+    ddp_out, ddp_logs = ddp_run
+    assert rows_of(logs[0]) == rows_of(ddp_logs[0]) and rows_of(logs[1]) == rows_of(ddp_logs[1])
+    fsdp, ddp = read_state_dict(out / "final"), read_state_dict(ddp_out / "final")
+    assert set(fsdp) == set(ddp)
+    assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+    start, _ = load_lens_model("tiny")
+    assert not torch.equal(fsdp["learnable_query"], start.learnable_query)
+    assert load_lens_model(str(out / "final"))[0].num_queries == start.num_queries  # a LENS checkpoint
+
+    again = tmp_path / "resumed"
+    assert_resumed_step_2(logs, launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}",
+                                                     rollout_bias, config="fsdp.yaml", wrapper=["fsdp_on_cpu.py"]),
+                          again)
+
+
+def test_fsdp_asked_for_where_accelerate_cannot_run_it_is_an_error(tmp_path, monkeypatch, capsys):
+    """Without that wrapper, FSDP on CPUs would silently be DDP: lens-train says so and stops."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert smoke(tmp_path / "out") == 2
+    assert "FSDP was asked for, but accelerate did not enable it" in capsys.readouterr().err

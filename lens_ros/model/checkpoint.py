@@ -350,6 +350,13 @@ def load_lens_model(source: str = DEFAULT_MODEL, device: str = "cpu", dtype: str
     return model, load_processor(directory)
 
 
+def read_lens_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights under a ``LensModel``'s own state-dict names (``vlm.`` + the transformers 5.x
+    Qwen names, the context head's and ``sam.*`` as they are)."""
+    return {(key if key.startswith(HEAD_PREFIXES + (SAM_PREFIX,)) else "vlm." + from_checkpoint_key(key)): value
+            for key, value in read_state_dict(Path(directory)).items()}
+
+
 def load_lens_weights(model: LensModel, directory: str | os.PathLike, vlm: bool = True) -> None:
     """Copy the weights of the checkpoint in ``directory`` into ``model`` (an already built ``LensModel`` of
     the same architecture), in place: the parameter objects stay, so an optimizer that holds them keeps
@@ -364,8 +371,7 @@ def load_lens_weights(model: LensModel, directory: str | os.PathLike, vlm: bool 
     directory = Path(directory)
     own = model.state_dict()  # detached views of the parameters and buffers: copy_ writes into them
     tied = {"vlm.lm_head.weight"} if model.vlm.config.tie_word_embeddings else set()
-    state = {(key if key.startswith(HEAD_PREFIXES + (SAM_PREFIX,)) else "vlm." + from_checkpoint_key(key)): value
-             for key, value in read_state_dict(directory).items()}
+    state = read_lens_weights(directory)
     if vlm:
         _check_keys(f"{directory}", set(own) - tied, set(state) - tied)
     else:
@@ -402,27 +408,35 @@ def load_processor(directory: str | os.PathLike):
 
 
 # -- saving ----------------------------------------------------------------------------------------
-def lens_state_dict(model: LensModel) -> dict[str, torch.Tensor]:
+def lens_state_dict(model: LensModel, weights: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's weights under LENS's checkpoint names (tied ``lm_head`` left out, as
-    ``save_pretrained`` does)."""
+    ``save_pretrained`` does). ``weights``, under the model's own state-dict names, replaces them: the
+    whole weights of a model whose parameters are shards (FSDP, ZeRO-3), as the trainer gathers them;
+    its names must be exactly the model's."""
     tied = bool(model.vlm.config.tie_word_embeddings)
+    if weights is not None:
+        _check_keys("weights to save", set(model.state_dict()), set(weights))
     state = {}
-    for key, value in model.state_dict().items():
+    for key, value in (weights if weights is not None else model.state_dict()).items():
         if key.startswith("vlm."):
             key = to_checkpoint_key(key[len("vlm."):])
             if tied and key == "lm_head.weight":
                 continue
-        state[key] = value.detach().contiguous()
+        # Gathered weights can be views into one buffer (FSDP2's full state dict), which safetensors refuses
+        # to write as they are: each gets a storage of its own.
+        state[key] = value.detach().clone() if weights is not None else value.detach().contiguous()
     return state
 
 
-def save_lens_checkpoint(model: LensModel, processor, directory: str | os.PathLike, max_shard_size: str = "5GB") -> Path:
-    """Write ``model`` in the released LENS layout (loadable by ``load_lens_model``)."""
+def save_lens_checkpoint(model: LensModel, processor, directory: str | os.PathLike, max_shard_size: str = "5GB",
+                         weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` in the released LENS layout (loadable by ``load_lens_model``); ``weights``: see
+    ``lens_state_dict``."""
     from huggingface_hub import save_torch_state_dict
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(lens_state_dict(model), directory, max_shard_size=max_shard_size)
+    save_torch_state_dict(lens_state_dict(model, weights), directory, max_shard_size=max_shard_size)
     config = lens_config_dict(model.vlm.config, model.num_queries, model.use_connector, model.sam_spec)
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     model.vlm.generation_config.save_pretrained(directory)

@@ -189,13 +189,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     from lens_ros.model.checkpoint import ModelUnavailableError
-    from lens_ros.training.trainer import train_lens
+    from lens_ros.training.trainer import SetupError, train_lens
 
     print(f"lens-train: stage {config.stage}, model {model}, {len(samples)} samples, output {config.output_dir}"
           + (f", resuming from {resume}" if resume else ""))
     try:
         final = train_lens(config, model, samples, allow_download=allow_download)
-    except ModelUnavailableError as exc:
+    except (ModelUnavailableError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"lens-train: final checkpoint {final}")

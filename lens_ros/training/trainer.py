@@ -69,7 +69,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from lens_ros import prompts
 from lens_ros.images import InvalidInputError, check_plain_text, control_tokens
-from lens_ros.model.checkpoint import load_lens_weights, save_lens_checkpoint
+from lens_ros.model.checkpoint import load_lens_weights, read_lens_weights, save_lens_checkpoint
 from lens_ros.model.sam import embed_backbone, sam_input_size
 from lens_ros.pipeline import ImageSizes, LensPipeline, PipelineConfig, PreparedImage, sam_pixels, vlm_resize_shape
 from lens_ros.training.data import drop_expressions
@@ -517,6 +517,38 @@ def lora_config(config: LensTrainingConfig):
                       target_modules=rf".*language_model\.layers\.\d+\..*\.({targets})")
 
 
+class SetupError(ValueError):
+    """A distributed setup lens-train cannot train as asked (the message says what to use instead)."""
+
+
+def check_sharding(trainer: Trainer) -> None:
+    """Refuse, before training, what the sharded setups (FSDP, DeepSpeed ZeRO-3) cannot save: a LENS
+    checkpoint is written from the whole weights, which only a full state dict holds, and LoRA is merged
+    into them, which needs the base weights whole (a LoRA run fits one GPU per process: DDP)."""
+    from accelerate.utils import parse_flag_from_env
+
+    # accelerate 1.15 turns FSDP and DeepSpeed on for GPU-type devices only: elsewhere (use_cpu) it drops
+    # them without a word and trains as DDP, which must not pass for the setup that was asked for.
+    for name, asked, enabled in (("FSDP", parse_flag_from_env("ACCELERATE_USE_FSDP") or bool(trainer.args.fsdp),
+                                  trainer.is_fsdp_enabled),
+                                 ("DeepSpeed", parse_flag_from_env("ACCELERATE_USE_DEEPSPEED") or
+                                  bool(trainer.args.deepspeed), trainer.is_deepspeed_enabled)):
+        if asked and not enabled:
+            raise SetupError(f"{name} was asked for, but accelerate did not enable it on {trainer.accelerator.device}"
+                             f" ({trainer.accelerator.distributed_type}): accelerate runs {name} on GPUs only; "
+                             "on CPUs use training/accelerate/ddp.yaml")
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not (trainer.is_fsdp_enabled or zero3):
+        return
+    setup = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3"
+    if getattr(trainer.args, "stage", STAGE_GRPO) == STAGE_CONTEXT_HEAD or trainer.args.use_lora:
+        raise SetupError(f"{setup} is for full fine-tuning in stage 2; stage 1 and LoRA runs use "
+                         "training/accelerate/ddp.yaml (or deepspeed_zero2.yaml)")
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+        raise SetupError("FSDP: set fsdp_state_dict_type: FULL_STATE_DICT (training/accelerate/fsdp.yaml); "
+                         "lens_ros writes LENS checkpoints from the whole weights")
+
+
 def load_for_resume(lens, vlm: nn.Module, directory: str | os.PathLike) -> None:
     """Put the weights of our own ``checkpoint-N`` back into ``lens`` (in place, before the optimizer
     is built), for transformers' resume. Its own loader would find no weight of the VLM it trains under
@@ -529,6 +561,14 @@ def load_for_resume(lens, vlm: nn.Module, directory: str | os.PathLike) -> None:
     from peft import PeftModel
 
     directory = Path(directory)
+    if sharded(vlm):  # FSDP2: torch's loader puts each process's shard of the whole weights in place
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        weights = trained_names(read_lens_weights(directory))
+        if lens.vlm.config.tie_word_embeddings:  # left out of the checkpoint, as save_pretrained does
+            weights["lm_head.weight"] = weights["model.language_model.embed_tokens.weight"]
+        set_model_state_dict(vlm, weights, options=StateDictOptions(full_state_dict=True, strict=True))
+        return
     with trainables_detached(lens.vlm):
         if not isinstance(vlm, PeftModel):
             load_lens_weights(lens, directory)
@@ -576,8 +616,25 @@ def resume_checkpoint(config: LensTrainingConfig) -> str | None:
     return str(path)
 
 
-def _write_checkpoint(lens, processor, args, output_dir) -> Path:
-    path = save_lens_checkpoint(lens, processor, output_dir)
+def sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s parameters are shards (FSDP2's DTensors, DeepSpeed ZeRO-3's partitions): then
+    its weights are whole only in the state dict transformers gathers for saving."""
+    return any(hasattr(p, "full_tensor") or hasattr(p, "ds_id") for p in module.parameters())
+
+
+def lens_names(trained_state: dict) -> dict:
+    """The state dict of the model trl trains (the VLM, the context head and SAM2 inside it under
+    ``TRAINABLES_NAME``) under the ``LensModel``'s own names, and ``trained_names`` the other way."""
+    prefix = TRAINABLES_NAME + "."
+    return {(k[len(prefix):] if k.startswith(prefix) else "vlm." + k): v for k, v in trained_state.items()}
+
+
+def trained_names(lens_state: dict) -> dict:
+    return {(k[len("vlm."):] if k.startswith("vlm.") else f"{TRAINABLES_NAME}.{k}"): v for k, v in lens_state.items()}
+
+
+def _write_checkpoint(lens, processor, args, output_dir, weights=None) -> Path:
+    path = save_lens_checkpoint(lens, processor, output_dir, weights=weights)
     torch.save(args, os.path.join(output_dir, "training_args.bin"))
     return path
 
@@ -629,6 +686,7 @@ class LensGRPOTrainer(GRPOTrainer):
         finally:
             args.beta = beta
         self.beta = beta
+        check_sharding(self)
         if reference is not None:
             self.ref_model = self._prepare_reference(reference)
         if args.use_lora:  # PEFT froze every base parameter, ours included
@@ -667,10 +725,39 @@ class LensGRPOTrainer(GRPOTrainer):
         inputs = [{**row, "pred_masks": mask} for row, mask in zip(inputs, pred_masks)]
         return super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
 
+    def _query_from_trainables(self) -> None:
+        """Point the LensModel's ``learnable_query`` at the parameter the trained model holds now.
+
+        They are one object until FSDP2 shards the model: it swaps the parameters of the modules it
+        manages (for shards, and for whole ones while they run), and the LensModel, outside the tree it
+        was given, kept the original query, which then no longer trained. The context head's and SAM2's
+        modules are shared objects, so they follow by themselves."""
+        held = self.lens.vlm._modules[TRAINABLES_NAME]._parameters["learnable_query"]
+        if self.lens._parameters["learnable_query"] is not held:
+            self.lens._parameters["learnable_query"] = held
+
+    @contextlib.contextmanager
+    def _whole_weights(self):
+        """The model's own (root) parameters unsharded outside its forward (FSDP2: the rollouts' mask
+        pass); its nested units unshard themselves when they run. Without sharding: nothing to do."""
+        if not (sharded(self.model) and hasattr(self.model, "unshard")):
+            yield
+            return
+        self.model.unshard()
+        try:
+            self._query_from_trainables()
+            yield
+        finally:
+            self.model.reshard()
+
     @torch.no_grad()
     def _rollout_masks(self, inputs, completions, completion_ids_list) -> list[np.ndarray | None]:
         """Each completion's own mask (bool, source size), None when its answer has no usable box
         (the pipeline's ``found``)."""
+        with self._whole_weights():
+            return self._rollout_masks_unsharded(inputs, completions, completion_ids_list)
+
+    def _rollout_masks_unsharded(self, inputs, completions, completion_ids_list) -> list[np.ndarray | None]:
         masks: list[np.ndarray | None] = [None] * len(inputs)
         pad_id = self.processing_class.tokenizer.pad_token_id
         device = self.accelerator.device
@@ -728,6 +815,7 @@ class LensGRPOTrainer(GRPOTrainer):
 
     def _rollout_mask_loss(self, inputs):
         """Mean mask loss over the completions of this slice that have a GT mask, with gradients."""
+        self._query_from_trainables()  # inside the policy's forward: FSDP2's whole parameters are in place
         images = inputs["lens_images"]
         if all(image.gt_mask is None for image in images):
             return None, None, None
@@ -777,6 +865,12 @@ class LensGRPOTrainer(GRPOTrainer):
         output_dir = output_dir or self.args.output_dir
         if not self.args.should_save:
             return
+        if sharded(self.model):  # the whole weights are only in what transformers gathered (check_sharding)
+            if state_dict is None:
+                raise RuntimeError("the model is sharded: save through save_model, which gathers its weights")
+            with trainables_detached(self.lens.vlm):
+                _write_checkpoint(self.lens, self.processing_class, self.args, output_dir, weights=lens_names(state_dict))
+            return
         with self._lens_for_saving() as lens:
             _write_checkpoint(lens, self.processing_class, self.args, output_dir)
         if self._is_peft():  # the unmerged adapters, to resume from (load_for_resume)
@@ -791,13 +885,33 @@ class LensGRPOTrainer(GRPOTrainer):
     def _load_best_model(self) -> None:
         load_for_resume(self.lens, self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        """FSDP2: the optimizer state as transformers wrote it (optimizer.bin, full), loaded by torch without
+        strictness. Parameters that never had a gradient (SAM2's point-prompt and IoU heads) have no AdamW
+        state, in the interrupted run as in an uninterrupted one; accelerate's loader is strict and refuses
+        the checkpoint for them."""
+        if checkpoint is None or not sharded(self.model) or not self.is_fsdp_enabled:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        state = torch.load(os.path.join(checkpoint, "optimizer.bin"), weights_only=True) \
+            if self.accelerator.is_main_process else {}
+        set_optimizer_state_dict(self.model, self.optimizer, state, options=StateDictOptions(
+            full_state_dict=True, broadcast_from_rank0=True, strict=False))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
     def create_model_card(self, *args, **kwargs) -> None:
         pass  # trl's card describes a transformers model; a LENS checkpoint is not one
 
     def save_final(self) -> Path:
         """Write ``<output_dir>/final`` and end training: LoRA is merged into the weights in place and
-        the extra submodule removed, so ``self.lens`` is a plain ``LensModel`` again."""
+        the extra submodule removed, so ``self.lens`` is a plain ``LensModel`` again. Sharded (FSDP, ZeRO-3):
+        written from the weights transformers gathers (every process takes part), and ``self.lens``
+        stays sharded: load ``final`` from disk."""
         final = Path(self.args.output_dir) / FINAL_DIR
+        if sharded(self.model):
+            self.save_model(str(final))
+            return final
         if self._is_peft():
             merged = self.accelerator.unwrap_model(self.model).merge_and_unload()
             if merged is not self.lens.vlm:
@@ -881,6 +995,7 @@ class LensStage1Trainer(Trainer):
         self._term_history: dict[str, list[float]] = defaultdict(list)
         super().__init__(model=ContextHeadObjective(lens, processor, args), args=args, train_dataset=train_dataset,
                          data_collator=lambda rows: {"rows": rows}, callbacks=callbacks)
+        check_sharding(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
