@@ -1,5 +1,6 @@
 """LENS training on the tiny model: GRPO + mask loss (stage 2), stage 1, LoRA, saving, lens-train."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -304,6 +305,47 @@ def test_trl_is_never_told_to_trust_remote_code(tmp_path):
         LensTrainingConfig(output_dir=str(tmp_path), trust_remote_code=True)
 
 
+# -- recipes and launcher configurations -----------------------------------------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+# One file per setup; each must be read by accelerate's own loader (what `accelerate launch --config_file`
+# does), give the setup named, and carry the multi-machine fields the README documents.
+ACCELERATE_CONFIGS = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED",
+                      "deepspeed_zero3.yaml": "DEEPSPEED"}
+
+
+def test_the_accelerate_configs_are_the_documented_ones():
+    assert sorted(p.name for p in (ROOT / "training" / "accelerate").iterdir()) == sorted(ACCELERATE_CONFIGS)
+
+
+@pytest.mark.parametrize("name", sorted(ACCELERATE_CONFIGS))
+def test_accelerate_reads_each_config_as_documented(name):
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = ROOT / "training" / "accelerate" / name
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == ACCELERATE_CONFIGS[name]
+    written = yaml.safe_load(path.read_text())
+    assert {"num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port"} <= set(written)
+    assert config.mixed_precision == "no" and config.use_cpu is False  # the recipe decides the precision
+    # accelerate copies nested keys onto its launch options and ignores unknown ones: each must be an option.
+    options = {action.dest for action in launch_command_parser()._actions}
+    assert set(config.fsdp_config) | set(config.deepspeed_config) <= options
+    if name == "fsdp.yaml":
+        from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        for cls in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","):
+            assert hasattr(modeling_qwen2_5_vl, cls)
+    if name.startswith("deepspeed"):
+        stage = int(name[len("deepspeed_zero")])
+        assert config.deepspeed_config["zero_stage"] == stage
+        # left to the recipe: accelerate then passes "auto" and transformers fills them in
+        assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(config.deepspeed_config)
+
+
 # -- resuming (issue 14) ---------------------------------------------------------------------------
 class StopAfter(TrainerCallback):
     """Ends training after ``step`` optimiser steps, its checkpoint written, as a preempted job would stop."""
@@ -526,6 +568,27 @@ def test_fsdp2_trains_what_ddp_trains_writes_whole_checkpoints_and_resumes(ddp_r
     assert_resumed_step_2(logs, launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}",
                                                      rollout_bias, config="fsdp.yaml", wrapper=["fsdp_on_cpu.py"]),
                           again)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+def test_deepspeed_zero2_trains_what_ddp_trains_and_resumes(ddp_run, rollout_bias, tmp_path):
+    """DeepSpeed ZeRO-2 (training/accelerate/deepspeed_zero2.yaml) on 2 CPU processes, through
+    test/deepspeed_on_cpu.py (accelerate sets DeepSpeed up on GPU processes only; see its docstring).
+    deepspeed is not a dependency: this runs where it is installed. ZeRO-3 is refused (check_sharding)."""
+    from lens_ros.model.checkpoint import read_state_dict
+
+    out = tmp_path / "zero2"
+    overrides = ("use_cpu=false", "save_strategy=steps", "save_steps=1", rollout_bias)
+    launch = dict(config="deepspeed_zero2.yaml", wrapper=["deepspeed_on_cpu.py"])
+    logs = launch_two_processes(out, *overrides, **launch)
+    assert_one_model_trained(logs, "DEEPSPEED")
+    assert writes_of(logs[0]) == [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")]
+    assert writes_of(logs[1]) == []
+    zero2, ddp = read_state_dict(out / "final"), read_state_dict(ddp_run[0] / "final")
+    assert set(zero2) == set(ddp) and max((zero2[k] - ddp[k]).abs().max().item() for k in zero2) < 1e-5
+    again = tmp_path / "resumed"
+    assert_resumed_step_2(logs, launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}",
+                                                     *overrides[:1], rollout_bias, **launch), again)
 
 
 def test_fsdp_asked_for_where_accelerate_cannot_run_it_is_an_error(tmp_path, monkeypatch, capsys):

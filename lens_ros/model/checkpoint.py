@@ -422,10 +422,17 @@ def lens_state_dict(model: LensModel, weights: dict[str, torch.Tensor] | None = 
             key = to_checkpoint_key(key[len("vlm."):])
             if tied and key == "lm_head.weight":
                 continue
-        # Gathered weights can be views into one buffer (FSDP2's full state dict), which safetensors refuses
-        # to write as they are: each gets a storage of its own.
-        state[key] = value.detach().clone() if weights is not None else value.detach().contiguous()
+        state[key] = _own_storage(value.detach().contiguous())
     return state
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``, copied when it is a view into a larger buffer (FSDP2's gathered state dict, DeepSpeed's
+    flattened parameters), which safetensors refuses to write; a tensor that owns its storage stays as
+    it is (no second copy of a 7B model's weights on the GPU while it is saved)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
 
 
 def save_lens_checkpoint(model: LensModel, processor, directory: str | os.PathLike, max_shard_size: str = "5GB",

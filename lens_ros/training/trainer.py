@@ -522,9 +522,10 @@ class SetupError(ValueError):
 
 
 def check_sharding(trainer: Trainer) -> None:
-    """Refuse, before training, what the sharded setups (FSDP, DeepSpeed ZeRO-3) cannot save: a LENS
-    checkpoint is written from the whole weights, which only a full state dict holds, and LoRA is merged
-    into them, which needs the base weights whole (a LoRA run fits one GPU per process: DDP)."""
+    """Refuse, before training, the setups lens-train cannot run as asked: FSDP or DeepSpeed that
+    accelerate dropped, DeepSpeed ZeRO-3, and under FSDP what it cannot save (a LENS checkpoint is
+    written from the whole weights, which only a full state dict holds, and LoRA is merged into them,
+    which needs the base weights whole: a LoRA run fits one GPU per process, DDP)."""
     from accelerate.utils import parse_flag_from_env
 
     # accelerate 1.15 turns FSDP and DeepSpeed on for GPU-type devices only: elsewhere (use_cpu) it drops
@@ -537,14 +538,19 @@ def check_sharding(trainer: Trainer) -> None:
             raise SetupError(f"{name} was asked for, but accelerate did not enable it on {trainer.accelerator.device}"
                              f" ({trainer.accelerator.distributed_type}): accelerate runs {name} on GPUs only; "
                              "on CPUs use training/accelerate/ddp.yaml")
-    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
-    if not (trainer.is_fsdp_enabled or zero3):
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        # Found on CPU processes with DeepSpeed 0.19.8 (training/README.md): ZeRO-3 gathers a module's
+        # parameters only around that module's own forward, and the mask pass reads bare parameters
+        # (learnable_query, SAM2's no_mem_embed) outside one, so they arrive as empty partitions.
+        raise SetupError("DeepSpeed ZeRO-3 is not supported: the mask pass reads parameters outside their "
+                         "modules' forward, which ZeRO-3 leaves partitioned; shard with "
+                         "training/accelerate/fsdp.yaml, or use deepspeed_zero2.yaml")
+    if not trainer.is_fsdp_enabled:
         return
-    setup = "FSDP" if trainer.is_fsdp_enabled else "DeepSpeed ZeRO-3"
     if getattr(trainer.args, "stage", STAGE_GRPO) == STAGE_CONTEXT_HEAD or trainer.args.use_lora:
-        raise SetupError(f"{setup} is for full fine-tuning in stage 2; stage 1 and LoRA runs use "
+        raise SetupError("FSDP is for full fine-tuning in stage 2; stage 1 and LoRA runs use "
                          "training/accelerate/ddp.yaml (or deepspeed_zero2.yaml)")
-    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+    if "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         raise SetupError("FSDP: set fsdp_state_dict_type: FULL_STATE_DICT (training/accelerate/fsdp.yaml); "
                          "lens_ros writes LENS checkpoints from the whole weights")
 
@@ -701,6 +707,16 @@ class LensGRPOTrainer(GRPOTrainer):
         if self.args.disable_dropout:
             disable_dropout_in_model(reference)
         add_fused_lm_head(reference, temperature=self.temperature, cast_lm_head_to_fp32=self.args.cast_lm_head_to_fp32)
+        # As trl prepares its own reference model: DeepSpeed and FSDP need their own wrapping (under ZeRO-3 a
+        # plain prepare_model leaves its weights partitioned outside any engine).
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(reference, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models import prepare_fsdp
+
+            return prepare_fsdp(reference, self.accelerator)
         return self.accelerator.prepare_model(reference, evaluation_mode=True)
 
     # -- rollouts -------------------------------------------------------------------------------
