@@ -307,6 +307,28 @@ def test_trl_is_never_told_to_trust_remote_code(tmp_path):
 
 # -- recipes and launcher configurations -----------------------------------------------------------
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+RECIPES = sorted(p.name for p in (ROOT / "training").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_is_a_valid_training_configuration(name):
+    from lens_ros.training.cli import build_config, read_recipe
+
+    config, model, specs, _ = build_config(read_recipe(ROOT / "training" / name))
+    assert model and specs and config.output_dir
+
+
+def test_the_fleet_recipe_switches_between_lora_and_full_fine_tuning():
+    from lens_ros.training.cli import apply_overrides, build_config, read_recipe
+
+    recipe = read_recipe(ROOT / "training" / "robot_fleet.yaml")
+    lora, _, specs, _ = build_config(recipe)
+    full, _, _, _ = build_config(apply_overrides(recipe, ["use_lora=false", "learning_rate=3e-6"]))
+    assert (lora.use_lora, full.use_lora, full.learning_rate) == (True, False, 3e-6)
+    assert specs[0].startswith("episodes:") and lora.save_strategy == "steps" and lora.num_generations == 8
+    assert lora.per_device_train_batch_size % lora.num_generations == 0  # whole groups on every GPU
+
+
 # One file per setup; each must be read by accelerate's own loader (what `accelerate launch --config_file`
 # does), give the setup named, and carry the multi-machine fields the README documents.
 ACCELERATE_CONFIGS = {"ddp.yaml": "MULTI_GPU", "fsdp.yaml": "FSDP", "deepspeed_zero2.yaml": "DEEPSPEED",
