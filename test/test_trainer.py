@@ -368,6 +368,37 @@ def test_accelerate_reads_each_config_as_documented(name):
         assert not {"gradient_accumulation_steps", "gradient_clipping"} & set(config.deepspeed_config)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_use_vllm_without_vllm_says_what_to_install(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"use_vllm needs vLLM, which is not installed: pip install 'trl\[vllm\]'"):
+        LensTrainingConfig(output_dir=str(tmp_path), use_vllm=True)
+    assert smoke(tmp_path / "out", "use_vllm=true") == 2
+    err = capsys.readouterr().err
+    assert "pip install 'trl[vllm]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_vllm_gets_the_vlms_weights_not_the_context_head_or_sam2(tiny_checkpoint, samples, tmp_path):
+    """The weights trl sends vLLM after each step, filtered: exactly the VLM's own parameters (vLLM's
+    Qwen2.5-VL has no context head or SAM2)."""
+    from lens_ros.training.trainer import trainables_detached, vlm_weights_only
+
+    lens, processor = fresh_model(tiny_checkpoint)
+    trainer = build_trainer(LensTrainingConfig(output_dir=str(tmp_path / "run"), max_steps=1, **FAST), lens,
+                            processor, samples)
+    walked = []
+
+    def every_parameter():
+        for name, param in trainer.model.named_parameters():
+            walked.append(name)
+            yield name, param.data
+
+    sent = dict(vlm_weights_only(every_parameter)())
+    with trainables_detached(lens.vlm):
+        own = {name for name, _ in lens.vlm.named_parameters()}
+    assert set(sent) == own and not any("sam" in n or "learnable_query" in n for n in sent)
+    assert len(walked) == len(list(trainer.model.named_parameters()))  # all walked: gathering is collective
+
+
 # -- resuming (issue 14) ---------------------------------------------------------------------------
 class StopAfter(TrainerCallback):
     """Ends training after ``step`` optimiser steps, its checkpoint written, as a preempted job would stop."""

@@ -186,6 +186,13 @@ class LensTrainingConfig(GRPOConfig):
             raise ValueError("trust_remote_code must be false: lens_ros never runs code shipped with a checkpoint")
         if self.use_lora and self.stage == STAGE_CONTEXT_HEAD:
             raise ValueError("use_lora applies to stage 2 only (stage 1 trains the context head alone)")
+        if self.use_vllm:
+            from trl.import_utils import is_vllm_available
+
+            if not is_vllm_available():  # trl would say so only after the model is loaded, in a traceback
+                raise ValueError("use_vllm needs vLLM, which is not installed: pip install 'trl[vllm]' (a CUDA "
+                                 "GPU; vLLM generates the rollouts' text, the mask pass stays in PyTorch), or set "
+                                 "use_vllm=false")
         if self.bf16 is None:  # trl would say True even on a CPU
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) and not self.fp16
         if self.stage == STAGE_CONTEXT_HEAD:
@@ -521,6 +528,20 @@ class SetupError(ValueError):
     """A distributed setup lens-train cannot train as asked (the message says what to use instead)."""
 
 
+def vlm_weights_only(named_weights):
+    """trl's iterator of the weights it sends vLLM (``VLLMGeneration._iter_named_params``), without the
+    context head and SAM2 riding in the VLM (``TRAINABLES_NAME``): vLLM's Qwen2.5-VL has no such
+    weights. Every process still walks all parameters (gathering them is a collective)."""
+    prefix = TRAINABLES_NAME + "."
+
+    def iterate():
+        for name, weight in named_weights():
+            if not name.startswith(prefix):
+                yield name, weight
+
+    return iterate
+
+
 def check_sharding(trainer: Trainer) -> None:
     """Refuse, before training, the setups lens-train cannot run as asked: FSDP or DeepSpeed that
     accelerate dropped, DeepSpeed ZeRO-3, and under FSDP what it cannot save (a LENS checkpoint is
@@ -693,6 +714,8 @@ class LensGRPOTrainer(GRPOTrainer):
             args.beta = beta
         self.beta = beta
         check_sharding(self)
+        if self.use_vllm:  # vLLM gets the VLM's weights after each step; the context head and SAM2 are ours
+            self.vllm_generation._iter_named_params = vlm_weights_only(self.vllm_generation._iter_named_params)
         if reference is not None:
             self.ref_model = self._prepare_reference(reference)
         if args.use_lora:  # PEFT froze every base parameter, ours included
