@@ -371,8 +371,10 @@ def test_accelerate_reads_each_config_as_documented(name):
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_use_vllm_without_vllm_says_what_to_install(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"use_vllm needs vLLM, which is not installed: pip install 'trl\[vllm\]'"):
+        LensTrainingConfig(output_dir=str(tmp_path), use_vllm=True, vllm_mode="server")
+    with pytest.raises(ValueError, match="vllm_mode=colocate is not supported"):  # trl's default mode
         LensTrainingConfig(output_dir=str(tmp_path), use_vllm=True)
-    assert smoke(tmp_path / "out", "use_vllm=true") == 2
+    assert smoke(tmp_path / "out", "use_vllm=true", "vllm_mode=server") == 2
     err = capsys.readouterr().err
     assert "pip install 'trl[vllm]'" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 

@@ -40,8 +40,12 @@ scheduler, RNG states, ``trainer_state.json``); a LoRA run adds its unmerged ada
 ``_load_from_checkpoint``: the weights go back into the LensModel in place (``load_for_resume``);
 transformers' loader would match none of LENS's names and, loading non-strictly, keep the starting weights.
 
-Several processes: DDP verified on 2 CPU processes (gloo), resume included, not on GPUs. Not verified
-here: FSDP and DeepSpeed (see training/README.md: accelerate runs neither on a CPU).
+Several processes (``training/accelerate/``; what ran where: training/README.md): DDP, FSDP2 and
+DeepSpeed ZeRO-2 executed on 2 CPU processes (FSDP2 and ZeRO-2 past accelerate's GPU-only gates, see
+test/fsdp_on_cpu.py and test/deepspeed_on_cpu.py), resume included, none on GPUs. Sharded (FSDP2), the
+checkpoints are written from the full state dict transformers gathers, and ``learnable_query``, a bare
+parameter, is re-pointed at the one FSDP2 swaps in (``_query_from_trainables``). DeepSpeed ZeRO-3 is
+refused (``check_sharding``). vLLM rollouts: trl's, with our weights left out of its weight sync.
 """
 
 from __future__ import annotations
@@ -186,6 +190,10 @@ class LensTrainingConfig(GRPOConfig):
             raise ValueError("trust_remote_code must be false: lens_ros never runs code shipped with a checkpoint")
         if self.use_lora and self.stage == STAGE_CONTEXT_HEAD:
             raise ValueError("use_lora applies to stage 2 only (stage 1 trains the context head alone)")
+        if self.use_vllm and self.vllm_mode == "colocate":  # trl's default mode
+            raise ValueError("vllm_mode=colocate is not supported: trl's colocated vLLM loads the model by name, and "
+                             "a LENS checkpoint is no Qwen2.5-VL directory vLLM reads; serve a Qwen2.5-VL of the "
+                             "same size (trl vllm-serve) and set vllm_mode=server")
         if self.use_vllm:
             from trl.import_utils import is_vllm_available
 
