@@ -217,10 +217,9 @@ class EpisodeRecorder:
         self._closed_bytes = 0  # .mcap bytes of bags already closed or abandoned
         self._episodes_written = 0
         self._episodes_dropped = 0
-        self._feedback_written = 0
-        self._feedback_dropped = 0
-        self._track_written = 0
-        self._track_dropped = 0
+        # Records about episodes (SIDE_RECORDS: feedback, track states) written and dropped, by kind.
+        self._side_written = dict.fromkeys(SIDE_RECORDS, 0)
+        self._side_dropped = dict.fromkeys(SIDE_RECORDS, 0)
         self._last_error = ""
         self._failing = False  # the most recent write failed
 
@@ -244,12 +243,22 @@ class EpisodeRecorder:
     @property
     def feedback_written(self) -> int:
         with self._lock:
-            return self._feedback_written
+            return self._side_written["feedback"]
 
     @property
     def feedback_dropped(self) -> int:
         with self._lock:
-            return self._feedback_dropped
+            return self._side_dropped["feedback"]
+
+    @property
+    def track_written(self) -> int:
+        with self._lock:
+            return self._side_written["track"]
+
+    @property
+    def track_dropped(self) -> int:
+        with self._lock:
+            return self._side_dropped["track"]
 
     @property
     def bytes_written(self) -> int:
@@ -291,36 +300,19 @@ class EpisodeRecorder:
 
     def record_feedback(self, request_id: int, feedback: bytes, stamp_ns: int | None = None) -> None:
         """Append an operator's Feedback (CDR); `read_episodes` attaches it by its request_id."""
-        stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
-        with self._lock:
-            ok = self._write_durably([(TOPIC_FEEDBACK, feedback)], stamp_ns, f"feedback for episode {request_id}")
-            self._failing = not ok
-            if ok:
-                self._feedback_written += 1
-            else:
-                self._feedback_dropped += 1
+        self._record_side("feedback", request_id, feedback, stamp_ns, f"feedback for episode {request_id}")
 
     def record_track(self, request_id: int, tracks: bytes, stamp_ns: int | None = None) -> None:
         """Append the state of a tracked command on one frame (CDR lens_ros/Tracks with that one track:
         an event, or a periodic state with a thumbnail mask); attached to episode `request_id` like feedback."""
+        self._record_side("track", request_id, tracks, stamp_ns, f"track state of episode {request_id}")
+
+    def _record_side(self, kind: str, request_id: int, data: bytes, stamp_ns: int | None, what: str) -> None:
         stamp_ns = time.time_ns() if stamp_ns is None else int(stamp_ns)
         with self._lock:
-            ok = self._write_durably([(TOPIC_TRACK, tracks)], stamp_ns, f"track state of episode {request_id}")
+            ok = self._write_durably([(SIDE_RECORDS[kind], data)], stamp_ns, what)
             self._failing = not ok
-            if ok:
-                self._track_written += 1
-            else:
-                self._track_dropped += 1
-
-    @property
-    def track_written(self) -> int:
-        with self._lock:
-            return self._track_written
-
-    @property
-    def track_dropped(self) -> int:
-        with self._lock:
-            return self._track_dropped
+            (self._side_written if ok else self._side_dropped)[kind] += 1
 
     def close(self) -> None:
         """Finish the open bag (MCAP summary + footer, metadata.yaml). Never raises OSError.
