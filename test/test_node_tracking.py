@@ -202,6 +202,8 @@ def test_tracked_commands_are_recorded_with_their_states_thumbnails_and_stop(tra
     wait_tracks(tracking, lambda m: len(m.tracks) == 1, count=12)
     stop(tracking, 0)
     assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    assert tracking.peer.wait_for(lambda: int((tracking.state() or {}).get("track_states_recorded", 0)) >= 3, 20)
+    assert tracking.state()["track_states_dropped"] == "0"
     assert tracking.transition(4) and tracking.transition(2)  # deactivate; cleanup closes the bag
     assert tracking.transition(1) and tracking.transition(3)  # configure and activate again
     episode = next(e for e in read_episodes(tracking.record_dir) if e.segmentation.request_id == answer.request_id)

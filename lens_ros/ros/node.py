@@ -736,6 +736,8 @@ class LensNode(LifecycleNode):
                           episodes_dropped=recorder.episodes_dropped + recording.episodes_dropped,
                           feedback_recorded=recorder.feedback_written,
                           feedback_dropped=recorder.feedback_dropped + recording.feedback_dropped,
+                          track_states_recorded=recorder.track_written,
+                          track_states_dropped=recorder.track_dropped + recording.track_dropped,
                           record_error=recorder.last_error or recording.last_write_error)
             if (recorder.failing or recording.write_errors) and level == DiagnosticStatus.OK:
                 level = DiagnosticStatus.WARN
