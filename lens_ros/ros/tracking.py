@@ -149,7 +149,8 @@ class NodeTracking:
             if self.bad_frames == 1 or self.bad_frames % 100 == 0:  # a broken camera must not flood the log
                 self._warn(f"tracking: {self.last_error} ({self.bad_frames} so far)")
             return
-        self.session.config = self._config().tracking_config()
+        cfg = self._config()  # live parameters apply from this frame on
+        self.session.config = cfg.tracking_config()
         step = time.perf_counter()
         updates = self.session.update(rgb)
         step = time.perf_counter() - step
@@ -157,8 +158,12 @@ class NodeTracking:
         self.frames_tracked += 1
         self.frames_skipped += skipped
         header = msg.header
-        objects = [self._tracked_object(update, label, header, rgb.shape[:2])
-                   for label, update in enumerate(updates, start=1)]
+        geometry = None  # this frame's depth and intrinsics, looked up once for all its tracks' grasps
+        if cfg.grasps and any(update.area for update in updates):
+            looked_up = time.perf_counter()
+            geometry = self._geometry(header, rgb.shape[:2])
+            self._grasp_s += time.perf_counter() - looked_up
+        objects = [self._tracked_object(update, label, geometry, cfg) for label, update in enumerate(updates, start=1)]
         labels = np.zeros(rgb.shape[:2], dtype=np.uint8)
         for update, tracked in zip(updates, objects):
             if update.area:
@@ -170,7 +175,7 @@ class NodeTracking:
         self._publish(message, mask_to_image(labels > 0, header),
                       PoseStamped(header=header, pose=best.pose) if best is not None else None)
         for update, tracked in zip(updates, objects):
-            self._after_frame(update, tracked, header)
+            self._after_frame(update, tracked, header, cfg)
         self._notify()
         total = time.perf_counter() - began
         self.last_split_ms = {"sam2": step * 1000, "grasps": self._grasp_s * 1000,
@@ -201,7 +206,7 @@ class NodeTracking:
         if started.goal is not None:
             started.goal.frames, started.goal.ended = started.frames, reason
 
-    def _tracked_object(self, update: TrackUpdate, label: int, header, size_hw) -> TrackedObject:
+    def _tracked_object(self, update: TrackUpdate, label: int, geometry, cfg) -> TrackedObject:
         drift = next((e.iou for e in update.events if e.kind == DRIFT_EVENT), None)
         tracked = TrackedObject(track_id=update.track_id, command=update.command, state=update.state,
                                 present=bool(update.present), score=float(update.score),
@@ -209,16 +214,15 @@ class NodeTracking:
                                 mask_area=update.area, label=label if update.area else 0,
                                 events=[e.kind for e in update.events],
                                 drift_iou=float(drift) if drift is not None else math.nan)
-        cfg = self._config()
-        if cfg.grasps and update.area:
-            tracked.grasps = self._grasps(update, header, size_hw, cfg)
+        if geometry is not None and update.area:
+            tracked.grasps = self._grasps(update, geometry, cfg)
         return tracked
 
-    def _grasps(self, update: TrackUpdate, header, size_hw, cfg) -> list:
+    def _grasps(self, update: TrackUpdate, geometry, cfg) -> list:
         from lens_ros.grasp import grasp_regions
 
         began = time.perf_counter()
-        depth, intrinsics, problem, note = self._geometry(header, size_hw)
+        depth, intrinsics, problem, note = geometry
         try:
             grasps = grasp_regions(update.mask, depth=None if problem else depth,
                                    intrinsics=None if problem else intrinsics, config=cfg.grasp_config(),
@@ -233,7 +237,7 @@ class NodeTracking:
             region.reason = "; ".join(r for r in (problem or note, region.reason) if r)
         return regions
 
-    def _after_frame(self, update: TrackUpdate, tracked: TrackedObject, header) -> None:
+    def _after_frame(self, update: TrackUpdate, tracked: TrackedObject, header, cfg) -> None:
         started = self._started.get(update.track_id)
         if started is None:
             return
@@ -243,12 +247,12 @@ class NodeTracking:
         if goal is not None:
             goal.updates.append((header, tracked))
         if self._record is not None:
-            every = self._config().track_thumbnail_frames
+            every = cfg.track_thumbnail_frames
             if any(kind in RECORDED_EVENTS for kind in tracked.events) or (every and started.frames % every == 0):
                 self._record_state(update.track_id, tracked, update.mask, header)
         # A lost track ends unless it can come back: re-acquisition on, and a goal that asked to keep it
         # (topic commands' tracks are kept), so that nothing lost for good costs a SAM2 step per frame.
-        if update.state == LOST and (not self._config().reacquire or (goal is not None and not goal.keep_when_lost)):
+        if update.state == LOST and (not cfg.reacquire or (goal is not None and not goal.keep_when_lost)):
             self._end(update.track_id, LOST_REASON)
 
     def _record_state(self, track_id: int, tracked: TrackedObject, mask, header) -> None:

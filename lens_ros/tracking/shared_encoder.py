@@ -29,7 +29,6 @@ class SharedImageEncoder:
 
     def __init__(self, image_encoder: torch.nn.Module) -> None:
         self.image_encoder = image_encoder
-        self.calls = 0  # encoder passes actually run
         self._lock = threading.Lock()
         self._pixels: torch.Tensor | None = None
         self._output: dict | None = None
@@ -42,7 +41,6 @@ class SharedImageEncoder:
                     or last.device != pixels.device or not torch.equal(last, pixels):
                 self._output = self.image_encoder(pixels)
                 self._pixels = pixels
-                self.calls += 1
             return self._output
 
 
