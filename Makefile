@@ -53,6 +53,7 @@ ONLY_IN_jazzy := ros-ament-cmake-gmock ros-ament-cmake-gtest ros-ament-cmake-pyt
 DEV_PACKAGES := $(filter-out $(NOT_IN_$(ROS_DISTRO)),$(DEV_PACKAGES)) $(ONLY_IN_$(ROS_DISTRO))
 SETUP_EXTRAS := train bags test export onnxruntime
 SAM2 := sam2==1.1.0
+DEEPSPEED := deepspeed==0.19.8
 # ROS 2's command-line tools (ros2 launch/run/topic/action/param/lifecycle, launch_ros) and
 # vision_msgs are not on PyPI: wheels of them lie beside the repository on the development and CI
 # machines. Elsewhere the folder is absent, the rest installs, and the tests that need `ros2` skip.
@@ -91,14 +92,17 @@ $(STAMPS)/bootstrap: $(CONSTRAINTS)
 	@$(call logged,pip-bootstrap,$(PIP) install pip setuptools)
 	@mkdir -p $(STAMPS) && touch $@
 
-# 2. Dependencies: setup.py's requirements (+ extras), the ROS wheels, then sam2 (an sdist that
-#    must build against the torch already installed, without its CUDA extension).
+# 2. Dependencies: setup.py's requirements (+ extras), the ROS wheels, then sam2 and deepspeed (sdists
+#    that must build against the torch already installed: sam2 without its CUDA extension, deepspeed
+#    without its compiled ops, which it builds when used; the multi-process training tests use it).
 $(STAMPS)/deps: $(STAMPS)/bootstrap $(CONSTRAINTS) setup.py scripts/requirements.py
 	@echo "==> venv: dependencies (pinned by $(CONSTRAINTS); torch takes a few minutes the first time)"
 	@$(VPY) scripts/requirements.py $(SETUP_EXTRAS) > $(STAMPS)/requirements.txt
 	@$(call logged,pip-deps,$(PIP) install -r $(STAMPS)/requirements.txt $(DEV_PACKAGES))
 	@echo "==> venv: $(SAM2) (SAM2_BUILD_CUDA=0, no build isolation)"
 	@$(call logged,pip-sam2,SAM2_BUILD_CUDA=0 $(PIP) install --no-build-isolation --no-deps $(SAM2))
+	@echo "==> venv: $(DEEPSPEED) (DS_BUILD_OPS=0, no build isolation)"
+	@$(call logged,pip-deepspeed,DS_BUILD_OPS=0 $(PIP) install --no-build-isolation $(DEEPSPEED))
 	@touch $@
 
 # 3. lens_ros itself, editable. compat mode puts the repository root on sys.path (a .pth file), so

@@ -10,6 +10,7 @@ all ranks are gathered; every checkpoint write is recorded with its rank; each r
 are recorded. Everything goes to OUTPUT_DIR/check/rank<N>.jsonl.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,16 +34,27 @@ def record(entry: dict) -> None:
 
 
 def digest(named) -> str:
-    """A hash of the whole tensors: a sharded one (FSDP2's DTensor) is gathered first (a collective:
-    every rank walks the same parameters in the same order)."""
+    """A hash of the whole tensors: sharded ones (FSDP2's DTensors, ZeRO-3's partitions) are gathered
+    first (collectives: every rank walks the same parameters in the same order)."""
+    named = list(named)
+    partitioned = [tensor for _, tensor in named if hasattr(tensor, "ds_id")]
     h = hashlib.sha256()
-    for name, tensor in named:
-        tensor = tensor.detach()
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        h.update(name.encode())
-        h.update(tensor.float().contiguous().cpu().numpy().tobytes())
+    with whole_partitions(partitioned):
+        for name, tensor in named:
+            tensor = tensor.detach()
+            if hasattr(tensor, "full_tensor"):
+                tensor = tensor.full_tensor()
+            h.update(name.encode())
+            h.update(tensor.float().contiguous().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def whole_partitions(params):
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 class SameOnAllRanks(TrainerCallback):
@@ -55,7 +67,8 @@ class SameOnAllRanks(TrainerCallback):
         every = [None] * WORLD
         dist.all_gather_object(every, mine)
         record({"step": state.global_step, "trainable_sha": mine, "all_ranks": every,
-                "distributed": str(self.trainer.accelerator.distributed_type)})
+                "distributed": str(self.trainer.accelerator.distributed_type),
+                "sharded": training.sharded(self.trainer.model)})
 
 
 build, write, generate = training.build_trainer, training._write_checkpoint, \

@@ -1,5 +1,5 @@
-"""Run a script with accelerate's DeepSpeed set up on CPU processes (test_trainer.py's DeepSpeed test,
-which runs only where deepspeed is installed; not collected by pytest).
+"""Run a script with accelerate's DeepSpeed set up on CPU processes (test_trainer.py's DeepSpeed tests:
+`make venv` installs deepspeed, and they skip where it is not installed; not collected by pytest).
 
     accelerate launch --config_file training/accelerate/deepspeed_zero2.yaml --num_processes 2 \
         test/deepspeed_on_cpu.py test/ddp_lens_train.py OUTPUT_DIR use_cpu=false ...

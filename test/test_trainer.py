@@ -505,10 +505,10 @@ def rollout_bias(tiny_model):
     return "generation_kwargs=" + json.dumps(answer_bias(tiny_model[1]))
 
 
-def launch_two_processes(out, *overrides, config="ddp.yaml", wrapper=()):
-    """``accelerate launch --config_file training/accelerate/CONFIG --num_processes 2`` of the instrumented
-    lens-train (ddp_lens_train.py: the tiny smoke recipe, use_cpu=true) on 2 CPU processes; its per-rank
-    records."""
+def launch_two_processes(out, *overrides, config="ddp.yaml", wrapper=(), launcher=(), refused=None):
+    """``accelerate launch --config_file training/accelerate/CONFIG --num_processes 2 [LAUNCHER...]`` of the
+    instrumented lens-train (ddp_lens_train.py: the tiny smoke recipe, use_cpu=true) on 2 CPU processes;
+    its per-rank records. With ``refused``: lens-train must stop before training with that error."""
     import os
     import subprocess
     import sys
@@ -521,12 +521,20 @@ def launch_two_processes(out, *overrides, config="ddp.yaml", wrapper=()):
                PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                            f"training/accelerate/{config}", "--num_processes", "2", "--main_process_port", "0",
-                           *[str(Path(__file__).with_name(w)) for w in wrapper],
+                           *launcher, *[str(Path(__file__).with_name(w)) for w in wrapper],
                            str(Path(__file__).with_name("ddp_lens_train.py")), str(out), *overrides],
                           capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    if refused is not None:
+        assert done.returncode != 0 and f"error: {refused}" in done.stderr, done.stderr[-3000:]
+        assert not steps_of(read_records(out, 0))
+        return None
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return {rank: [json.loads(line) for line in (out / "check" / f"rank{rank}.jsonl").read_text().splitlines()]
-            for rank in (0, 1)}
+    return {rank: read_records(out, rank) for rank in (0, 1)}
+
+
+def read_records(out, rank):
+    records = out / "check" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in records.read_text().splitlines()] if records.exists() else []
 
 
 def steps_of(log):
@@ -608,6 +616,7 @@ def test_fsdp2_trains_what_ddp_trains_writes_whole_checkpoints_and_resumes(ddp_r
     logs = launch_two_processes(out, "save_strategy=steps", "save_steps=1", rollout_bias, config="fsdp.yaml",
                                 wrapper=["fsdp_on_cpu.py"])
     assert_one_model_trained(logs, "FSDP")
+    assert {entry["sharded"] for entry in steps_of(logs[0])} == {True}
     assert writes_of(logs[0]) == [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")]
     assert writes_of(logs[1]) == []
     ddp_out, ddp_logs = ddp_run
@@ -626,24 +635,45 @@ def test_fsdp2_trains_what_ddp_trains_writes_whole_checkpoints_and_resumes(ddp_r
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_deepspeed_zero2_trains_what_ddp_trains_and_resumes(ddp_run, rollout_bias, tmp_path):
-    """DeepSpeed ZeRO-2 (training/accelerate/deepspeed_zero2.yaml) on 2 CPU processes, through
-    test/deepspeed_on_cpu.py (accelerate sets DeepSpeed up on GPU processes only; see its docstring).
-    deepspeed is not a dependency: this runs where it is installed. ZeRO-3 is refused (check_sharding)."""
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trains_what_ddp_trains_writes_whole_checkpoints_and_resumes(ddp_run, rollout_bias, tmp_path,
+                                                                                stage):
+    """DeepSpeed ZeRO-2 and ZeRO-3 (training/accelerate/deepspeed_zero{2,3}.yaml) on 2 CPU processes,
+    through test/deepspeed_on_cpu.py (accelerate sets DeepSpeed up on GPU processes only; see its
+    docstring). The run is DDP's to float32 rounding, ZeRO-3's partitioned weights included (the mask
+    pass reads some outside their modules' forward: ``mask_pass_parameters``); checkpoints are LENS
+    checkpoints written by rank 0 (ZeRO-3: from the weights gathered for saving), and resuming from
+    checkpoint-1 (DeepSpeed's own optimizer checkpoint) gives step 2 exactly."""
     from lens_ros.model.checkpoint import read_state_dict
 
-    out = tmp_path / "zero2"
+    out = tmp_path / f"zero{stage}"
     overrides = ("use_cpu=false", "save_strategy=steps", "save_steps=1", rollout_bias)
-    launch = dict(config="deepspeed_zero2.yaml", wrapper=["deepspeed_on_cpu.py"])
+    launch = dict(config=f"deepspeed_zero{stage}.yaml", wrapper=["deepspeed_on_cpu.py"])
     logs = launch_two_processes(out, *overrides, **launch)
     assert_one_model_trained(logs, "DEEPSPEED")
+    assert {entry["sharded"] for entry in steps_of(logs[0])} == {stage == 3}  # ZeRO-3 partitions the weights
     assert writes_of(logs[0]) == [str(out / "checkpoint-1"), str(out / "checkpoint-2"), str(out / "final")]
     assert writes_of(logs[1]) == []
-    zero2, ddp = read_state_dict(out / "final"), read_state_dict(ddp_run[0] / "final")
-    assert set(zero2) == set(ddp) and max((zero2[k] - ddp[k]).abs().max().item() for k in zero2) < 1e-5
+    assert rows_of(logs[0]) == rows_of(ddp_run[1][0]) and rows_of(logs[1]) == rows_of(ddp_run[1][1])
+    zero, ddp = read_state_dict(out / "final"), read_state_dict(ddp_run[0] / "final")
+    assert set(zero) == set(ddp) and max((zero[k] - ddp[k]).abs().max().item() for k in zero) < 1e-5
+    start, _ = load_lens_model("tiny")
+    assert not torch.equal(zero["learnable_query"], start.learnable_query)
+    assert load_lens_model(str(out / "final"))[0].num_queries == start.num_queries  # a LENS checkpoint
     again = tmp_path / "resumed"
     assert_resumed_step_2(logs, launch_two_processes(again, f"resume_from_checkpoint={out / 'checkpoint-1'}",
                                                      *overrides[:1], rollout_bias, **launch), again)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("overrides, launcher, refused", [
+    (("use_lora=true",), (), "DeepSpeed ZeRO-3 is for full fine-tuning in stage 2"),
+    ((), ("--zero3_init_flag", "true"), "DeepSpeed ZeRO-3: set zero3_init_flag: false")])
+def test_zero3_setups_lens_train_cannot_save_or_load_are_refused(tmp_path, overrides, launcher, refused):
+    """LoRA under ZeRO-3 (merging needs the base weights whole) and zero3_init_flag (a LENS checkpoint is
+    loaded whole in every process) stop lens-train with the fix, before any step."""
+    launch_two_processes(tmp_path / "out", "use_cpu=false", *overrides, config="deepspeed_zero3.yaml",
+                         wrapper=["deepspeed_on_cpu.py"], launcher=launcher, refused=refused)
 
 
 def test_fsdp_asked_for_where_accelerate_cannot_run_it_is_an_error(tmp_path, monkeypatch, capsys):

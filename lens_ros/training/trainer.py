@@ -41,11 +41,13 @@ scheduler, RNG states, ``trainer_state.json``); a LoRA run adds its unmerged ada
 transformers' loader would match none of LENS's names and, loading non-strictly, keep the starting weights.
 
 Several processes (``training/accelerate/``; what ran where: training/README.md): DDP, FSDP2 and
-DeepSpeed ZeRO-2 executed on 2 CPU processes (FSDP2 and ZeRO-2 past accelerate's GPU-only gates, see
-test/fsdp_on_cpu.py and test/deepspeed_on_cpu.py), resume included, none on GPUs. Sharded (FSDP2), the
-checkpoints are written from the full state dict transformers gathers, and ``learnable_query``, a bare
-parameter, is re-pointed at the one FSDP2 swaps in (``_query_from_trainables``). DeepSpeed ZeRO-3 is
-refused (``check_sharding``). vLLM rollouts: trl's, with our weights left out of its weight sync.
+DeepSpeed ZeRO-2/3 executed on 2 CPU processes (FSDP2 and DeepSpeed past accelerate's GPU-only gates,
+see test/fsdp_on_cpu.py and test/deepspeed_on_cpu.py), resume included, none on GPUs. Sharded (FSDP2,
+ZeRO-3), the checkpoints are written from the whole weights transformers gathers for saving. FSDP2:
+``learnable_query``, a bare parameter, is re-pointed at the one FSDP2 swaps in
+(``_query_from_trainables``). ZeRO-3: the model is loaded whole (``whole_at_load``), and the parameters
+the mask pass reads outside their modules' forward are gathered around the policy's forward and for
+the rollouts (``mask_pass_parameters``). vLLM rollouts: trl's, with our weights left out of its weight sync.
 """
 
 from __future__ import annotations
@@ -552,9 +554,10 @@ def vlm_weights_only(named_weights):
 
 def check_sharding(trainer: Trainer) -> None:
     """Refuse, before training, the setups lens-train cannot run as asked: FSDP or DeepSpeed that
-    accelerate dropped, DeepSpeed ZeRO-3, and under FSDP what it cannot save (a LENS checkpoint is
-    written from the whole weights, which only a full state dict holds, and LoRA is merged into them,
-    which needs the base weights whole: a LoRA run fits one GPU per process, DDP)."""
+    accelerate dropped, ZeRO-3 told to shard while loading (``whole_at_load``), and under FSDP or ZeRO-3
+    what they cannot save (a LENS checkpoint is written from the whole weights, which only a full state
+    dict holds, and LoRA is merged into them, which needs the base weights whole: a LoRA run fits one
+    GPU per process, DDP or ZeRO-2)."""
     from accelerate.utils import parse_flag_from_env
 
     # accelerate 1.15 turns FSDP and DeepSpeed on for GPU-type devices only: elsewhere (use_cpu) it drops
@@ -567,18 +570,17 @@ def check_sharding(trainer: Trainer) -> None:
             raise SetupError(f"{name} was asked for, but accelerate did not enable it on {trainer.accelerator.device}"
                              f" ({trainer.accelerator.distributed_type}): accelerate runs {name} on GPUs only; "
                              "on CPUs use training/accelerate/ddp.yaml")
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        # Found on CPU processes with DeepSpeed 0.19.8 (training/README.md): ZeRO-3 gathers a module's
-        # parameters only around that module's own forward, and the mask pass reads bare parameters
-        # (learnable_query, SAM2's no_mem_embed) outside one, so they arrive as empty partitions.
-        raise SetupError("DeepSpeed ZeRO-3 is not supported: the mask pass reads parameters outside their "
-                         "modules' forward, which ZeRO-3 leaves partitioned; shard with "
-                         "training/accelerate/fsdp.yaml, or use deepspeed_zero2.yaml")
-    if not trainer.is_fsdp_enabled:
+    zero3 = zero3_enabled(trainer)
+    if zero3 and trainer.accelerator.state.deepspeed_plugin.zero3_init_flag:
+        raise SetupError("DeepSpeed ZeRO-3: set zero3_init_flag: false (training/accelerate/deepspeed_zero3.yaml); "
+                         "every process loads the LENS checkpoint whole, and DeepSpeed shards it when training starts")
+    if not (trainer.is_fsdp_enabled or zero3):
         return
     if getattr(trainer.args, "stage", STAGE_GRPO) == STAGE_CONTEXT_HEAD or trainer.args.use_lora:
-        raise SetupError("FSDP is for full fine-tuning in stage 2; stage 1 and LoRA runs use "
-                         "training/accelerate/ddp.yaml (or deepspeed_zero2.yaml)")
+        raise SetupError(f"{'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed ZeRO-3'} is for full fine-tuning in "
+                         "stage 2; stage 1 and LoRA runs use training/accelerate/ddp.yaml (or deepspeed_zero2.yaml)")
+    if zero3:
+        return
     if "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         raise SetupError("FSDP: set fsdp_state_dict_type: FULL_STATE_DICT (training/accelerate/fsdp.yaml); "
                          "lens_ros writes LENS checkpoints from the whole weights")
@@ -649,6 +651,42 @@ def resume_checkpoint(config: LensTrainingConfig) -> str | None:
                                                              "written during training, or cut off while written)"
         raise FileNotFoundError(f"resume_from_checkpoint: {path} {problem}")
     return str(path)
+
+
+def zero3_enabled(trainer: Trainer) -> bool:
+    return trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
+@contextlib.contextmanager
+def whole_at_load(config: LensTrainingConfig):
+    """Models loaded inside are whole, not ZeRO-3 partitions: the KL reference is a copy of the VLM, which
+    a partitioned VLM cannot give, and SAM2 and the context head are not built by transformers.
+
+    Under ``accelerate launch`` with DeepSpeed, the training arguments register their DeepSpeed config
+    for transformers globally, zero3_init_flag or not (accelerate 1.15), and ``from_pretrained`` then
+    partitions while it loads. DeepSpeed shards the whole model when training starts."""
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    # What transformers registered: the config of ``deepspeed=<file>``, or accelerate's under accelerate launch.
+    registered = getattr(config, "hf_deepspeed_config", None) or \
+        getattr(getattr(config, "deepspeed_plugin", None), "dschf", None)
+    if registered is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(registered)
+
+
+def mask_pass_parameters(trainables: nn.Module) -> list[nn.Parameter]:
+    """The mask pass's own parameters (the context head's, SAM2's but its image encoder's), which it reads
+    outside their modules' forward too (``learnable_query``, SAM2's ``no_mem_embed``, the mask decoder's
+    token embeddings): ZeRO-3 gathers a module's own parameters only around its forward, and finds other
+    uses by itself only inside the forward of the model it trains."""
+    encoder = {id(p) for p in trainables.sam.image_encoder.parameters()}
+    return [p for p in trainables.parameters() if id(p) not in encoder]
 
 
 def sharded(module: nn.Module) -> bool:
@@ -722,6 +760,11 @@ class LensGRPOTrainer(GRPOTrainer):
             args.beta = beta
         self.beta = beta
         check_sharding(self)
+        if zero3_enabled(self):  # gathered around the policy's forward (the mask loss is computed inside it)
+            import deepspeed
+
+            for param in mask_pass_parameters(vlm._modules[TRAINABLES_NAME]):
+                deepspeed.zero.register_external_parameter(vlm, param)
         if self.use_vllm:  # vLLM gets the VLM's weights after each step; the context head and SAM2 are ours
             self.vllm_generation._iter_named_params = vlm_weights_only(self.vllm_generation._iter_named_params)
         if reference is not None:
@@ -785,8 +828,15 @@ class LensGRPOTrainer(GRPOTrainer):
 
     @contextlib.contextmanager
     def _whole_weights(self):
-        """The model's own (root) parameters unsharded outside its forward (FSDP2: the rollouts' mask
-        pass); its nested units unshard themselves when they run. Without sharding: nothing to do."""
+        """The parameters the rollouts' mask pass reads outside a module's forward, whole: FSDP2's root
+        unit, ZeRO-3's ``mask_pass_parameters``; nested units and modules gather themselves when they
+        run. Without sharding: nothing to do."""
+        if zero3_enabled(self):
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(mask_pass_parameters(self.lens.vlm._modules[TRAINABLES_NAME])):
+                yield
+            return
         if not (sharded(self.model) and hasattr(self.model, "unshard")):
             yield
             return
@@ -841,8 +891,10 @@ class LensGRPOTrainer(GRPOTrainer):
             return None if terms[0][0] is None else OutputWithMaskLoss(**output, mask_loss=terms[0][0])
 
         # On the module inside the DDP wrapper, for this call only (a hook left on the model would follow
-        # it into copies, e.g. _lens_for_saving's).
-        handle = self.accelerator.unwrap_model(model).register_forward_hook(mask_loss_in_forward)
+        # it into copies, e.g. _lens_for_saving's). Ahead of the sharding engines' own hooks: ZeRO-3 releases
+        # the policy's external parameters in its post-forward hook, and gathers them again for the
+        # backward of the outputs it sees then, the mask loss included.
+        handle = self.accelerator.unwrap_model(model).register_forward_hook(mask_loss_in_forward, prepend=True)
         try:
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
@@ -1155,7 +1207,8 @@ def train_lens(config: LensTrainingConfig, model_source: str, samples: Sequence,
     from lens_ros.model.checkpoint import load_lens_model
 
     resume = resume_checkpoint(config)
-    lens, processor = load_lens_model(model_source, device="cpu", dtype="float32", allow_download=allow_download)
+    with whole_at_load(config):
+        lens, processor = load_lens_model(model_source, device="cpu", dtype="float32", allow_download=allow_download)
     trainer = build_trainer(config, lens, processor, samples)
     trainer.train(resume_from_checkpoint=resume)
     final = trainer.save_final()
