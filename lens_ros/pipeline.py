@@ -334,10 +334,10 @@ class LensPipeline:
         # Pass 1: reasoning and box.
         report(STAGE_REASONING, "")
         start = time.perf_counter()
-        inputs = self._prompt_inputs(prepared, text)
+        inputs = self.prompt_inputs(prepared, text)
         timings.preprocess_ms += (time.perf_counter() - start) * 1000
         start = time.perf_counter()
-        if self._ensure_vision_features(prepared, inputs):
+        if self.ensure_vision_features(prepared, inputs):
             timings.vision_ms = (time.perf_counter() - start) * 1000
         start = time.perf_counter()
         sequence = self._generate(inputs, prepared, progress and (lambda partial: progress(STAGE_REASONING, partial)),
@@ -408,8 +408,11 @@ class LensPipeline:
         ``segment`` and ``answer_mask_logits`` call it; a caller may call it first to refuse early."""
         return check_plain_text(check_command(command, self.config.max_command_chars), self._control_tokens)
 
-    def _prompt_inputs(self, prepared: PreparedImage, command: str):
-        """Chat-templated prompt + image, through the checkpoint's own processor."""
+    def prompt_inputs(self, prepared: PreparedImage, command: str):
+        """The model inputs of ``command`` about ``prepared``: the chat-templated prompt and the image,
+        through the checkpoint's own processor (as ``segment`` builds them; the trainer and the
+        accelerated-path checks build theirs here too). Raises ``InvalidInputError`` when the prompt's
+        control tokens are not exactly the template's (``command`` holding one)."""
         chat = self.processor.apply_chat_template(prompts.build_messages(command, cot=self.config.cot),
                                                   tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt")
@@ -440,8 +443,9 @@ class LensPipeline:
                     f"command puts control tokens of the model into the prompt ({self._control_token_ids[token_id]} "
                     f"{found[token_id]} times, the template {expected[token_id]}); commands must be plain text")
 
-    def _ensure_vision_features(self, prepared: PreparedImage, inputs) -> bool:
-        """Run the vision tower unless this image already has its output; True when it ran."""
+    def ensure_vision_features(self, prepared: PreparedImage, inputs) -> bool:
+        """Run the vision tower on ``inputs``' image unless ``prepared`` already holds its output (kept
+        there for the next command about the same image); True when it ran."""
         if prepared.vision_features is not None:
             return False
         prepared.vision_features = self.stages.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
@@ -476,8 +480,8 @@ class LensPipeline:
         answer is teacher-forced, as LENS's stage 1 does with the ground-truth box)."""
         text = self.checked_command(command)
         prepared = image if isinstance(image, PreparedImage) else self.prepare_image(image, bgr=bgr)
-        inputs = self._prompt_inputs(prepared, text)
-        self._ensure_vision_features(prepared, inputs)
+        inputs = self.prompt_inputs(prepared, text)
+        self.ensure_vision_features(prepared, inputs)
         eos = self.processor.tokenizer.eos_token or ""
         answer_ids = self.processor.tokenizer(answer + eos, add_special_tokens=False, return_tensors="pt")["input_ids"]
         sequence = torch.cat([inputs["input_ids"], answer_ids.to(self.device)], dim=1)

@@ -305,7 +305,7 @@ def test_plain_commands_keep_their_exact_prompt(tiny_pipeline, photo_640x480, co
     chat = tiny_pipeline.processor.apply_chat_template(prompts.build_messages(command), tokenize=False,
                                                        add_generation_prompt=True)
     expected = tiny_pipeline.processor(text=[chat], images=[prepared.vlm_image], return_tensors="pt")["input_ids"]
-    ids = tiny_pipeline._prompt_inputs(prepared, command)["input_ids"]
+    ids = tiny_pipeline.prompt_inputs(prepared, command)["input_ids"]
     assert ids.tolist() == expected.tolist()
     assert ids[0].tolist().count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 3
     assert tiny_pipeline.segment(prepared, command).error == ""

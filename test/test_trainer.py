@@ -115,7 +115,7 @@ def test_rollout_masks_are_the_loss_pass_masks_and_prompts_are_the_pipelines(tin
     row = seen["row"]
     prepared = PreparedImage(rgb=np.asarray(row["source_image"]), fingerprint="", vlm_image=row["image"],
                              sam_embedding=None, preprocess_ms=0.0, image_encoder_ms=0.0)
-    pipeline_ids = trainer.mask_pipeline._prompt_inputs(prepared, row["expression"])["input_ids"][0].tolist()
+    pipeline_ids = trainer.mask_pipeline.prompt_inputs(prepared, row["expression"])["input_ids"][0].tolist()
     assert list(seen["prompt_ids"]) == pipeline_ids
     assert all(m is not None and m.shape == samples[0].image.shape[:2] for m in seen["masks"])
     with torch.no_grad():  # the loss's pass (left-padded prompts, trl's tensors) gives the same masks

@@ -33,8 +33,8 @@ def stage_inputs(model, processor, rgb, command: str = EXAMPLE_COMMAND, answer: 
     pipeline = LensPipeline(model, processor, PipelineConfig(model="reference", overlap_sam_encoder=False),
                             stages=reference)
     prepared = pipeline.prepare_image(rgb)
-    inputs = pipeline._prompt_inputs(prepared, command)
-    pipeline._ensure_vision_features(prepared, inputs)
+    inputs = pipeline.prompt_inputs(prepared, command)
+    pipeline.ensure_vision_features(prepared, inputs)
     answer_ids = processor.tokenizer(answer, return_tensors="pt", add_special_tokens=False)["input_ids"]
     sequence = torch.cat([inputs["input_ids"], answer_ids.to(pipeline.device)], dim=1)
     attention = torch.ones_like(sequence)

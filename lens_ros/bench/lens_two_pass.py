@@ -44,9 +44,9 @@ def pass_two_ms(pipeline, rgb, command: str, answer_tokens: int) -> float:
     """This pipeline's mask pass (its stages, SAM2 decoder and upsampling) after an answer of
     ``answer_tokens`` tokens on frame ``rgb``; the image's embedding and features computed first."""
     prepared = pipeline.prepare_image(rgb)
-    inputs = pipeline._prompt_inputs(prepared, command)
+    inputs = pipeline.prompt_inputs(prepared, command)
     with torch.inference_mode():
-        pipeline._ensure_vision_features(prepared, inputs)
+        pipeline.ensure_vision_features(prepared, inputs)
     prepared.embedding()  # waits for the background encoder: not part of the mask pass
     sequence = answer_sequence(pipeline, inputs, answer_tokens)
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def lens_two_pass_ms(pipeline, rgb, command: str, answer_tokens: int) -> tuple[f
     LENS's pass 2 on prompt + ``answer_tokens`` answer ids instead of this pipeline's mask pass."""
     timings = pipeline.segment(rgb, command).timings
     prepared = pipeline.prepare_image(rgb)  # the same frame: reused, not recomputed
-    inputs = pipeline._prompt_inputs(prepared, command)
+    inputs = pipeline.prompt_inputs(prepared, command)
     sequence = answer_sequence(pipeline, inputs, answer_tokens)
     token, _, pass_two = lens_pass_two(pipeline.model, inputs, sequence, prepared.embedding(), prepared.size)
     with torch.inference_mode():

@@ -1055,7 +1055,7 @@ class ContextHeadObjective(nn.Module):
         embedding = embed_backbone(lens.sam, sam_image_backbone(lens, image), lens.sam.no_mem_embed.dtype)
         prepared = PreparedImage(rgb=image.rgb, fingerprint="", vlm_image=image.vlm_image, sam_embedding=embedding,
                                  preprocess_ms=0.0, image_encoder_ms=0.0)
-        inputs = self.pipeline._prompt_inputs(prepared, row["expression"])
+        inputs = self.pipeline.prompt_inputs(prepared, row["expression"])
         # The answer as LensPipeline.answer_mask_logits appends it (that method runs in inference mode).
         tokenizer = self.pipeline.processor.tokenizer
         answer = stage1_answer(row["expression"], row["gt_box_vlm"]) + (tokenizer.eos_token or "")
