@@ -579,9 +579,7 @@ def check_sharding(trainer: Trainer) -> None:
     if getattr(trainer.args, "stage", STAGE_GRPO) == STAGE_CONTEXT_HEAD or trainer.args.use_lora:
         raise SetupError(f"{'FSDP' if trainer.is_fsdp_enabled else 'DeepSpeed ZeRO-3'} is for full fine-tuning in "
                          "stage 2; stage 1 and LoRA runs use training/accelerate/ddp.yaml (or deepspeed_zero2.yaml)")
-    if zero3:
-        return
-    if "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(trainer.accelerator.state.fsdp_plugin.state_dict_type):
         raise SetupError("FSDP: set fsdp_state_dict_type: FULL_STATE_DICT (training/accelerate/fsdp.yaml); "
                          "lens_ros writes LENS checkpoints from the whole weights")
 
@@ -760,10 +758,12 @@ class LensGRPOTrainer(GRPOTrainer):
             args.beta = beta
         self.beta = beta
         check_sharding(self)
-        if zero3_enabled(self):  # gathered around the policy's forward (the mask loss is computed inside it)
+        # ZeRO-3: gathered around the policy's forward (the mask loss is computed inside it) and for the rollouts.
+        self._zero3_gathered = mask_pass_parameters(vlm._modules[TRAINABLES_NAME]) if zero3_enabled(self) else []
+        if self._zero3_gathered:
             import deepspeed
 
-            for param in mask_pass_parameters(vlm._modules[TRAINABLES_NAME]):
+            for param in self._zero3_gathered:
                 deepspeed.zero.register_external_parameter(vlm, param)
         if self.use_vllm:  # vLLM gets the VLM's weights after each step; the context head and SAM2 are ours
             self.vllm_generation._iter_named_params = vlm_weights_only(self.vllm_generation._iter_named_params)
@@ -831,10 +831,10 @@ class LensGRPOTrainer(GRPOTrainer):
         """The parameters the rollouts' mask pass reads outside a module's forward, whole: FSDP2's root
         unit, ZeRO-3's ``mask_pass_parameters``; nested units and modules gather themselves when they
         run. Without sharding: nothing to do."""
-        if zero3_enabled(self):
+        if self._zero3_gathered:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(mask_pass_parameters(self.lens.vlm._modules[TRAINABLES_NAME])):
+            with deepspeed.zero.GatheredParameters(self._zero3_gathered):
                 yield
             return
         if not (sharded(self.model) and hasattr(self.model, "unshard")):
