@@ -7,7 +7,8 @@ collected by pytest).
 Runs ``lens_ros.training.cli.train_main`` on the tiny smoke recipe with ``use_cpu=true`` (gloo).
 After every optimiser step each rank hashes the parameters the trainer optimises and the hashes of
 all ranks are gathered; every checkpoint write is recorded with its rank; each rank's training rows
-are recorded. Everything goes to OUTPUT_DIR/check/rank<N>.jsonl.
+are recorded, and so is how train_main returned (its exit code, whether it left the process group).
+Everything goes to OUTPUT_DIR/check/rank<N>.jsonl.
 """
 
 import contextlib
@@ -94,4 +95,6 @@ def generate_and_record(self, inputs):
 training.build_trainer, training._write_checkpoint = build_and_watch, write_and_record
 training.LensGRPOTrainer._generate_and_score_completions = generate_and_record
 overrides = [f"output_dir={OUT}", "use_cpu=true", *sys.argv[2:]]
-sys.exit(cli.train_main(["--recipe", "training/tiny_smoke.yaml", *[x for o in overrides for x in ("--set", o)]]))
+code = cli.train_main(["--recipe", "training/tiny_smoke.yaml", *[x for o in overrides for x in ("--set", o)]])
+record({"exit": code, "process_group_left": not dist.is_initialized()})
+sys.exit(code)

@@ -557,6 +557,8 @@ def assert_one_model_trained(logs, distributed):
         assert len(entry["all_ranks"]) == 2 and len(set(entry["all_ranks"])) == 1, entry  # the same model
     assert steps[0]["trainable_sha"] != steps[1]["trainable_sha"]  # and it trained
     assert rows_of(logs[0]) and rows_of(logs[0]) != rows_of(logs[1])  # each rank its own shard
+    for rank in (0, 1):  # and left the process group (gloo could abort a process exiting inside one)
+        assert [entry for entry in logs[rank] if "exit" in entry] == [{"exit": 0, "process_group_left": True}]
 
 
 def assert_resumed_step_2(run, resumed, again):

@@ -166,6 +166,13 @@ def train_main(argv: Sequence[str] | None = None) -> int:
                              "--set resume_from_checkpoint=...")
     args = parser.parse_args(argv)
     try:
+        return _train(args)
+    finally:
+        _leave_process_group()
+
+
+def _train(args: argparse.Namespace) -> int:
+    try:
         overrides = args.overrides + ([f"resume_from_checkpoint={args.resume}"] if args.resume else [])
         recipe = apply_overrides(read_recipe(args.recipe), overrides)
         config, model, specs, allow_download = build_config(recipe)
@@ -199,7 +206,18 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"lens-train: final checkpoint {final}")
+    state.wait_for_everyone()  # then every process leaves the process group at the same point
     return 0
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group a launch set up while the interpreter is still whole, as torch asks of
+    every process at the end of training. Without it, gloo's worker threads can still hold finished work
+    whose tensors are freed during interpreter shutdown, and a process whose training succeeded aborts
+    (SIGABRT, "terminate called without an active exception"; seen under FSDP2 on 2 CPU processes)."""
+    dist = sys.modules.get("torch.distributed")  # not imported: no process group to leave
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
