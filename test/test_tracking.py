@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 
 import numpy as np
 import pytest
@@ -564,6 +565,18 @@ def test_the_nodes_tracking_layer_skips_to_the_newest_frame_and_ends_lost_tracks
     tracking.request_stop(0)
     tracking.process()
     assert kept.ended == ended.ended == "stopped" and tracking.active == 0
+
+    # A stop of every track ends the tracks whose commands came in before it, not one started after it
+    # from a command it crossed on the way (the stop reached the worker later than the command).
+    asked = time.monotonic()
+    tracking.request_stop(0)
+    before, after = TrackGoal(keep_when_lost=True), TrackGoal(keep_when_lost=True)
+    tracking.start(3, frames[0], 3, result, goal=before, requested=asked - 1.0)
+    tracking.start(4, frames[0], 3, result, goal=after, requested=asked + 1.0)
+    frame(sensors, 3)
+    tracking.process()
+    assert before.ended == "stopped" and after.ended is None
+    assert [t.track_id for t in published[-1][0].tracks] == [4]
 
 
 def stamp_msg(index: int):

@@ -572,7 +572,8 @@ class LensNode(LifecycleNode):
         except Cancelled:
             return self._failure(request, request.cancel_reason, rgb.shape[:2]), header
         if request.track and self._tracking is not None:
-            not_started = self._tracking.start(request.id, rgb, request.frame_seq, result, goal=request.track_goal)
+            not_started = self._tracking.start(request.id, rgb, request.frame_seq, result, goal=request.track_goal,
+                                               requested=request.received)
             if not_started and request.track_goal is not None:
                 request.track_goal.ended = not_started
             elif not_started and result.found:

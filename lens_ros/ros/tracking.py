@@ -58,6 +58,7 @@ class TrackGoal:
 class _Started:
     command: str
     goal: TrackGoal | None
+    requested: float  # when its command came in (time.monotonic()): a later stop of every track ends it
     frames: int = 0
     last: TrackedObject | None = None  # its entry on the last tracked frame
 
@@ -93,7 +94,7 @@ class NodeTracking:
         self._sensors, self._geometry, self._publish, self._record = sensors, geometry, publish, record
         self._notify, self._config, self._warn = notify, config, log_warning
         self._started: dict[int, _Started] = {}
-        self._stops: list[tuple[int, str]] = []
+        self._stops: list[tuple[int, str, float]] = []  # (track id or ALL_TRACKS, reason, when asked)
         self._lock = threading.Lock()
         self._last_seq = 0
         self.frames_tracked = 0
@@ -112,20 +113,22 @@ class NodeTracking:
 
     # -- executor side ----------------------------------------------------------------------
     def request_stop(self, track_id: int, reason: str = STOPPED) -> None:
-        """Ask the worker to end one track (ALL_TRACKS: every one) before its next frame."""
+        """Ask the worker to end one track before its next frame; ALL_TRACKS: every track whose command
+        came in before now (a stop that reaches the worker late must not end a track started after it)."""
         with self._lock:
-            self._stops.append((int(track_id), reason))
+            self._stops.append((int(track_id), reason, time.monotonic()))
 
     # -- worker side ------------------------------------------------------------------------
-    def start(self, track_id: int, rgb: np.ndarray, frame_seq: int, result, goal: TrackGoal | None = None) -> str:
+    def start(self, track_id: int, rgb: np.ndarray, frame_seq: int, result, goal: TrackGoal | None = None,
+              requested: float | None = None) -> str:
         """Track the object of ``result`` (LENS's answer on ``rgb``) from that frame on; returns why
-        not ("" when it started)."""
+        not ("" when it started). ``requested``: when its command came in (time.monotonic(); default now)."""
         if not result.found or not result.mask.any():
             return "not found"
         if len(self._started) >= self._config().max_tracks and track_id not in self._started:
             return f"max_tracks ({self._config().max_tracks}) tracks are running"
         self.session.start(track_id, result.command, rgb, result=result)
-        self._started[track_id] = _Started(result.command, goal)
+        self._started[track_id] = _Started(result.command, goal, time.monotonic() if requested is None else requested)
         self._last_seq = max(self._last_seq, frame_seq)  # frames before it are not "skipped" by this track
         return ""
 
@@ -190,10 +193,13 @@ class NodeTracking:
     def _apply_stops(self) -> None:
         with self._lock:
             stops, self._stops = self._stops, []
-        for track_id, reason in stops:
-            for stopped in (list(self._started) if track_id == ALL_TRACKS else [track_id]):
-                if stopped in self._started:
-                    self._end(stopped, reason)
+        for track_id, reason, asked in stops:
+            if track_id == ALL_TRACKS:
+                stopped = [key for key, started in self._started.items() if started.requested <= asked]
+            else:
+                stopped = [track_id] if track_id in self._started else []
+            for key in stopped:
+                self._end(key, reason)
         if stops:
             self._notify()
 
