@@ -101,10 +101,21 @@ def test_a_burst_of_commands_under_a_depth_flood_gets_one_answer_each(busy):
     served command is recorded: each command is answered exactly once (served, or superseded by
     busy_policy 'queue_latest'), and the node's own counters agree."""
     stream = SensorStream(busy, frame_hz=30, depth_hz=300)
+    received = []  # (time, the node's depth_received) through the burst, from its diagnostics
+    sampling = threading.Event()
+
+    def sample():
+        while not sampling.wait(0.25):
+            received.append((time.monotonic(), int((busy.state() or {}).get("depth_received", 0))))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     try:
         answers = _burst(busy, "burst", 500, 100)
     finally:
         stream.stop()
+        sampling.set()
+        sampler.join()
     served = [a for a in answers if not a.error]
     superseded = [a for a in answers if a.error.startswith("superseded by request")]
     assert served and len(served) + len(superseded) == 500, collections.Counter(a.error for a in answers)
@@ -112,8 +123,12 @@ def test_a_burst_of_commands_under_a_depth_flood_gets_one_answer_each(busy):
     assert busy.peer.wait_for(lambda: int((busy.state() or {}).get("commands_received", 0)) >= 500, 10)
     state = busy.state()
     assert int(state["requests_superseded"]) >= len(superseded)
-    # The flood itself was taken in, not left to pile up (best effort: a few may be lost on the way).
-    assert int(state["depth_received"]) > 0.9 * stream.depth_sent, (state["depth_received"], stream.depth_sent)
+    # The flood itself was taken in all along: the node's depth count grew in every 2 s of it, so its
+    # executor was never held up by the burst or the model (best effort: some may be lost on the way,
+    # more on a slower machine; how much a node takes in is bench.ros's figure, not a test's).
+    assert 0 < int(state["depth_received"]) <= stream.depth_sent
+    stalls = [(t1 - t0, n0) for (t0, n0), (t1, n1) in zip(received, received[8:]) if n1 == n0]
+    assert not stalls, (stalls, received)
 
 
 def test_with_busy_policy_reject_a_burst_also_gets_one_answer_each(busy):
@@ -130,11 +145,13 @@ def test_with_busy_policy_reject_a_burst_also_gets_one_answer_each(busy):
 
 
 def test_one_hundred_goals_at_once_all_get_a_response_and_a_result(busy):
+    # A camera streams throughout, as on a robot: the goals served last must find a fresh image however
+    # long the ones before them took (max_image_age_s).
+    stream = SensorStream(busy, frame_hz=30, depth_hz=30)
     client = busy.peer.action_client(Segment, "/cam_busy/segment", goal_service_qos_profile=DEEP_QOS,
                           result_service_qos_profile=DEEP_QOS, cancel_service_qos_profile=DEEP_QOS)
     try:
         assert client.wait_for_server(timeout_sec=30)
-        busy.fresh_frame()
         futures = [client.send_goal_async(Segment.Goal(command=f"goal {i}")) for i in range(100)]
         assert busy.peer.wait_for(lambda: all(f.done() for f in futures), 60), (
             f"{sum(f.done() for f in futures)} of 100 goal responses")
@@ -148,6 +165,7 @@ def test_one_hundred_goals_at_once_all_get_a_response_and_a_result(busy):
         assert set(outcomes) <= {(GoalStatus.STATUS_SUCCEEDED, ""), (GoalStatus.STATUS_ABORTED, "superseded")}, outcomes
         assert outcomes[(GoalStatus.STATUS_SUCCEEDED, "")] >= 1
     finally:
+        stream.stop()
         client.destroy()
 
 
