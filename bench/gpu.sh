@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU table of the README's Acceleration section, in one command (about 5 minutes on an H100/H200).
+# The GPU table of the README's Acceleration section, in one command (about 5 minutes on an H100/H200);
+# or, with `learning`, the learning evidence of training/README.md (about 9 minutes).
 #
-#   bash bench/gpu.sh --prepare    # on a machine with pip and a network: the wheels a GPU machine lacks, into .whl/
-#   bash bench/gpu.sh [OUT_DIR]    # on the GPU machine, from the repository root, .whl/ beside it
+#   bash bench/gpu.sh --prepare           # on a machine with pip and a network: the wheels a GPU machine lacks, into .whl/
+#   bash bench/gpu.sh [OUT_DIR]           # on the GPU machine, from the repository root, .whl/ beside it
+#   bash bench/gpu.sh learning [OUT_DIR]  # the same machine: lens_ros.bench.learning on the GPU, 8 minutes of budget
 #
 # It runs on the GPU machine's own PyTorch (CUDA; 2.11 + CUDA 13 on the lent H200, not our pin:
 # too big to carry) with only small pure-Python wheels added: sam2 (built without its CUDA
@@ -12,6 +14,9 @@
 # (chain of thought): what a command costs does not depend on the weights. Printed per stage for
 # eager and compiled decoding, beside LENS's own two-pass path on the same frames; TensorRT is
 # added where `import tensorrt` works. Then the tracker's time per frame (SAM2 Hiera-L, bf16).
+# `learning` trains the benchmark's small random model through the format warm-up and LENS's two stages
+# (trl's GRPOTrainer; trl, datasets and their two missing dependencies are carried too) on the synthetic
+# data set, and prints before/after box and mask IoU beside the expression-blind references.
 # Everything is built from the repository alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,11 +29,15 @@ if [[ "${1:-}" == "--prepare" ]]; then
     grep -qx "/$WHEELS/" .git/info/exclude 2>/dev/null || echo "/$WHEELS/" >> .git/info/exclude
     SAM2_BUILD_CUDA=0 "$PIP" wheel -q --no-build-isolation --no-deps -w "$WHEELS" "$(pin sam2)"
     "$PIP" wheel -q --no-deps -w "$WHEELS" "$(pin hydra-core)" "$(pin omegaconf)" "$(pin antlr4-python3-runtime)" \
-        "$(pin iopath)" "$(pin transformers)"
+        "$(pin iopath)" "$(pin transformers)" "$(pin trl)" "$(pin datasets)" "$(pin dill)" "$(pin peft)" "$(pin accelerate)"
+    # multiprocess has a wheel per Python version: the GPU machine's (3.12 on the lent ones).
+    "$PIP" download -q --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" -d "$WHEELS" "$(pin multiprocess)"
     ls -l "$WHEELS"
     exit 0
 fi
 
+MODE=pipeline
+if [[ "${1:-}" == "learning" ]]; then MODE=learning; shift; fi
 OUT="${1:-${OUT:-bench_gpu_out}}"
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lens_site "$WHEELS"/*.whl
@@ -37,6 +46,12 @@ export PYTHONPATH="/tmp/lens_site:$PWD" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch, transformers, sam2; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } | tee "$OUT/machine.txt"
+if [[ "$MODE" == learning ]]; then  # 8 minutes of budget, evaluations included; 4000 images for more data
+    TQDM_DISABLE=1 timeout 560 python3 -m lens_ros.bench.learning --device cuda --minutes 8 --images 4000 \
+        --out "$OUT/learning" 2>&1 | tee "$OUT/learning.txt"
+    echo "==> before/after in $OUT/learning.txt, the curve in $OUT/learning/learning_curve.png"
+    exit 0
+fi
 backends=torch
 if python3 -c "import tensorrt" 2>/dev/null; then backends=torch,tensorrt; fi
 

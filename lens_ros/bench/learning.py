@@ -1,6 +1,6 @@
-"""Does training learn? The tiny model, trained on the synthetic data set on a CPU, against a held-out split.
+"""Does training learn? The tiny model, trained on the synthetic data set (CPU or GPU), against a held-out split.
 
-    python -m lens_ros.bench.learning [--minutes 20] [--out DIR]
+    python -m lens_ros.bench.learning [--minutes 20] [--out DIR] [--device cuda]
 
 A benchmark script, not a test: it builds a small random LENS checkpoint (``BENCH_SPEC``), writes the
 synthetic referring data set, evaluates the model on the synthetic ``val`` split (images never
@@ -366,6 +366,7 @@ def format_warmup(lens, processor, samples: Sequence, deadline: float, *, learni
         lens.vlm.requires_grad_(True)
     mask_losses: list[float] = []
     params = [p for p in lens.parameters() if p.requires_grad]
+    device = lens.learnable_query.device
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     rng = random.Random(seed)
     lens.train()
@@ -383,7 +384,7 @@ def format_warmup(lens, processor, samples: Sequence, deadline: float, *, learni
             epoch += 1
         indices, order = order[:batch_size], order[batch_size:]
         rows = [sample_to_row(samples[i], i) for i in indices]
-        batch = _warmup_batch(rows, processor)
+        batch = {key: value.to(device) for key, value in _warmup_batch(rows, processor).items()}
         progress = min((time.monotonic() - begin) / seconds, 1.0)
         scale = (step + 1) / warmup_steps if step < warmup_steps else 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
@@ -391,7 +392,7 @@ def format_warmup(lens, processor, samples: Sequence, deadline: float, *, learni
         loss = lens.vlm(**batch).loss
         if mask_rows > 0:
             terms = [mask_loss(objective.teacher_forced_logits(row),
-                               torch.from_numpy(row["gt_masks"])[None])[0] for row in rows[:mask_rows]]
+                               torch.from_numpy(row["gt_masks"])[None].to(device))[0] for row in rows[:mask_rows]]
             masked = torch.stack(terms).mean()
             mask_losses.append(float(masked.detach()))
             loss = loss + masked
@@ -486,6 +487,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=40, help="generation limit in evaluation (40)")
     parser.add_argument("--recipes", type=Path, default=RECIPES_DIR, help="folder of the recipe YAMLs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None,
+                        help="torch device of every stage (cuda when a CUDA GPU is there, else cpu)")
     args = parser.parse_args(argv)
 
     wall_start = time.monotonic()
@@ -502,17 +505,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lens_ros.training.trainer import CURVES_FILE, plot_training_curves
 
     torch.manual_seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    # The trainers of stages 1 and 2 run on the device transformers picks: the same one, unless told cpu.
+    on_cpu = {"use_cpu": torch.device(device).type == "cpu"}
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     root = make_synthetic_refer(out / "synthetic_data", n_images=args.images, size=args.size, seed=0)
     train, val = load_splits(root, args.expressions, args.val_samples)
     spec = bench_spec()
     checkpoint = build_tiny_checkpoint(out / "initial", spec)
-    lens, processor = load_lens_model(str(checkpoint))
+    lens, processor = load_lens_model(str(checkpoint), device=device)
     print(f"lens_ros.bench.learning: {len(train)} train samples, {len(val)} val samples "
           f"({args.expressions} expressions, {args.size[0]}x{args.size[1]}), model {spec}, "
           f"{sum(p.numel() for p in lens.vlm.parameters()) / 1e6:.2f}M VLM parameters, "
-          f"torch threads {torch.get_num_threads()}, budget {args.minutes:g} min", flush=True)
+          f"device {device}, torch threads {torch.get_num_threads()}, budget {args.minutes:g} min", flush=True)
 
     curve = Curve(lens, processor, val, args.max_new_tokens, wall_start)
     references = reference_points(train, val)
@@ -546,12 +552,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             mask_rows=WARMUP["mask_rows"], on_eval=eval_at("0-warmup"), eval_every_s=eval_every, eval_cost_s=eval_cost)
         curve.evaluate("0-warmup", stages["0_format_warmup"]["steps"])
     if fractions[1] > 0:
-        config = recipe_config(args.recipes / "lens_stage1.yaml", STAGE1_OVERRIDES, out / "stage1")
+        config = recipe_config(args.recipes / "lens_stage1.yaml", {**STAGE1_OVERRIDES, **on_cpu}, out / "stage1")
         _, stages["1_context_head"] = run_stage(config, lens, processor, train, ends[1], eval_at("1-head"), eval_every,
                                                   eval_cost)
         curve.evaluate("1-head", stages["1_context_head"]["steps"])
     if fractions[2] > 0:
-        config = recipe_config(args.recipes / "lens_stage2_refcoco.yaml", STAGE2_OVERRIDES, out / "stage2")
+        config = recipe_config(args.recipes / "lens_stage2_refcoco.yaml", {**STAGE2_OVERRIDES, **on_cpu},
+                               out / "stage2")
         stage_end = deadline - final_reserve()
         trainer, stages["2_grpo"] = run_stage(config, lens, processor, train, stage_end, eval_at("2-grpo"), eval_every,
                                                  eval_cost)
@@ -570,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  reference points: {format_references(references)}")
     document = {
         "command": " ".join(["python -m lens_ros.bench.learning", *(argv if argv is not None else sys.argv[1:])]),
-        "wall_s": round(wall, 1), "budget_min": args.minutes,
+        "wall_s": round(wall, 1), "budget_min": args.minutes, "device": device,
         "data": {"images": args.images, "size": list(args.size), "expressions": args.expressions,
                  "train_samples": len(train), "val_samples": len(val), "val_split": "val"},
         "model": asdict(spec), "vlm_parameters": sum(p.numel() for p in lens.vlm.parameters()),
