@@ -125,7 +125,7 @@ def test_a_burst_of_commands_under_a_depth_flood_gets_one_answer_each(busy):
     assert int(state["requests_superseded"]) >= len(superseded)
     # The flood itself was taken in all along: the node's depth count grew in every 2 s of it, so its
     # executor was never held up by the burst or the model (best effort: some may be lost on the way,
-    # more on a slower machine; how much a node takes in is bench.ros's figure, not a test's).
+    # more on a slower machine, so the share taken in is the machine's figure, not a test's bound).
     assert 0 < int(state["depth_received"]) <= stream.depth_sent
     stalls = [(t1 - t0, n0) for (t0, n0), (t1, n1) in zip(received, received[8:]) if n1 == n0]
     assert not stalls, (stalls, received)
