@@ -78,17 +78,6 @@ def tracking(scripted_checkpoint, tmp_path_factory):
     harness.close()
 
 
-@pytest.fixture(autouse=True)
-def no_tracks_left(tracking):
-    """Each test starts with no tracks and ends with none, whatever it asserted: a failed test leaves
-    no track behind to change what the next one counts."""
-    yield
-    tracking.camera.broken = False
-    if (tracking.state() or {}).get("tracks_active") != "0":  # (a stop sent needlessly could cross the next command)
-        stop(tracking, 0)
-        assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
-
-
 def stamp_of(msg):
     return (msg.header.stamp.sec, msg.header.stamp.nanosec)
 
@@ -104,6 +93,27 @@ def wait_tracks(harness, predicate, count=1, timeout=60):
 def stop(harness, track_id):
     harness.peer.wait_matched(harness.stop_pub)
     harness.stop_pub.publish(UInt64(data=track_id))
+
+
+def tracks_active(harness):
+    """The node's tracks_active in its last /diagnostics (a string; None before any)."""
+    return (harness.state() or {}).get("tracks_active")
+
+
+def stop_all(harness):
+    """Stop every track and wait until the node reports none."""
+    stop(harness, 0)
+    assert harness.peer.wait_for(lambda: tracks_active(harness) == "0", 30)
+
+
+@pytest.fixture(autouse=True)
+def no_tracks_left(tracking):
+    """Each test starts with no tracks and ends with none, whatever it asserted: a failed test leaves
+    no track behind to change what the next one counts."""
+    yield
+    tracking.camera.broken = False
+    if tracks_active(tracking) != "0":  # (a stop sent needlessly could cross the next command)
+        stop_all(tracking)
 
 
 def test_a_tracked_command_gives_one_tracks_message_per_processed_frame(tracking):
@@ -132,8 +142,7 @@ def test_a_tracked_command_gives_one_tracks_message_per_processed_frame(tracking
     assert int(tracking.state()["tracks_active"]) == 1
     # The tiny tracker's random image encoder is not LENS's: each has its own pass, and diagnostics say so.
     assert tracking.state()["tracker_image_encoder"].startswith("its own: the tracker's image encoder weights differ")
-    stop(tracking, 0)
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    stop_all(tracking)
 
 
 def test_commands_are_answered_while_tracks_run_and_stop_ends_one_track_or_all(tracking):
@@ -147,8 +156,7 @@ def test_commands_are_answered_while_tracks_run_and_stop_ends_one_track_or_all(t
     assert float(tracking.state()["last_wait_ms"]) >= 0
     stop(tracking, first.request_id)
     wait_tracks(tracking, lambda m: [t.track_id for t in m.tracks] == [second.request_id], count=3)
-    stop(tracking, 0)
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    stop_all(tracking)
     count = len(tracking.tracks)
     time.sleep(0.5)
     assert len(tracking.tracks) == count  # no tracks, no messages
@@ -173,7 +181,7 @@ def test_the_track_action_streams_frames_and_ends_on_cancel(tracking):
     assert result.status == 5  # GoalStatus.STATUS_CANCELED
     assert result.result.reason == "cancelled" and result.result.segmentation.found
     assert result.result.frames_tracked >= len({stamp_of(f) for f in feedback})
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    assert tracking.peer.wait_for(lambda: tracks_active(tracking) == "0", 30)
 
 
 def test_bad_frames_are_counted_and_skipped_and_the_track_survives(tracking):
@@ -188,8 +196,7 @@ def test_bad_frames_are_counted_and_skipped_and_the_track_survives(tracking):
     after = wait_tracks(tracking, lambda m: [t.track_id for t in m.tracks] == [answer.request_id], count=5)
     assert all(stamp_of(m) in tracking.camera.sent for m in after)
     assert "step 7" in tracking.state()["tracking_last_error"]
-    stop(tracking, 0)
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    stop_all(tracking)
 
 
 def test_two_thousand_frames_keep_memory_flat_and_no_backlog(tracking):
@@ -206,15 +213,13 @@ def test_two_thousand_frames_keep_memory_flat_and_no_backlog(tracking):
     assert [t.track_id for t in last.tracks] == [answer.request_id]
     settled = rss[len(rss) // 4:]  # after the allocator's warm-up
     assert max(settled) - settled[0] < 40, rss
-    stop(tracking, 0)
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    stop_all(tracking)
 
 
 def test_tracked_commands_are_recorded_with_their_states_thumbnails_and_stop(tracking):
     answer = tracking.command("the red square")
     wait_tracks(tracking, lambda m: len(m.tracks) == 1, count=12)
-    stop(tracking, 0)
-    assert tracking.peer.wait_for(lambda: (tracking.state() or {}).get("tracks_active") == "0", 30)
+    stop_all(tracking)
     assert tracking.peer.wait_for(lambda: int((tracking.state() or {}).get("track_states_recorded", 0)) >= 3, 20)
     assert tracking.state()["track_states_dropped"] == "0"
     assert tracking.transition(4) and tracking.transition(2)  # deactivate; cleanup closes the bag
