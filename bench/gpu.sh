@@ -15,8 +15,9 @@
 # eager and compiled decoding, beside LENS's own two-pass path on the same frames; TensorRT is
 # added where `import tensorrt` works. Then the tracker's time per frame (SAM2 Hiera-L, bf16).
 # `learning` trains the benchmark's small random model through the format warm-up and LENS's two stages
-# (trl's GRPOTrainer; trl, datasets and their two missing dependencies are carried too) on the synthetic
-# data set, and prints before/after box and mask IoU beside the expression-blind references.
+# (trl's GRPOTrainer; trl, datasets, dill and multiprocess are carried too, and peft and accelerate at our
+# pins) on the synthetic data set, and prints before/after box and mask IoU beside the expression-blind
+# references.
 # Everything is built from the repository alone.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
